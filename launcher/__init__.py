@@ -1,0 +1,1 @@
+"""The driver side: CLI, run spec, Ray Train launch, progress."""

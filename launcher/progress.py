@@ -1,0 +1,83 @@
+"""Driver-side progress: follows the run's metrics file while the workers train.
+
+A tqdm bar on a terminal; otherwise one plain, parseable line at most every `interval_s`
+(CI logs, nohup): `step=120/300 loss=4.1234 tokens_per_s=12345 eta_s=80`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+from pathlib import Path
+
+
+def format_line(rec: dict) -> str:
+    remaining = rec["max_steps"] - rec["step"]
+    eta = remaining * rec["step_time_s"]
+    return (
+        f"step={rec['step']}/{rec['max_steps']} loss={rec['loss']:.4f} lr={rec['lr']:.3g} "
+        f"tokens_per_s={rec['tokens_per_s']:.0f} eta_s={eta:.0f}"
+    )
+
+
+class Progress:
+    def __init__(self, metrics: Path, start_step: int, max_steps: int, interval_s: float = 10.0, stream=None):
+        self.metrics = metrics
+        self.offset = metrics.stat().st_size if metrics.exists() else 0  # skip earlier launches
+        self.start_step, self.max_steps = start_step, max_steps
+        self.interval_s = interval_s
+        self.stream = stream or sys.stderr
+        self.last: dict | None = None
+        self.first_record_at: float | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._bar = None
+        if self.stream.isatty():
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=max_steps, initial=start_step, unit="step", file=self.stream, dynamic_ncols=True)
+
+    def __enter__(self) -> Progress:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._poll()  # the records written just before the end
+        if self._bar is not None:
+            self._bar.close()
+
+    def _records(self) -> list[dict]:
+        if not self.metrics.exists():
+            return []
+        with open(self.metrics) as f:
+            f.seek(self.offset)
+            text = f.read()
+        complete = text[: text.rfind("\n") + 1]  # a line still being written waits for the next poll
+        self.offset += len(complete.encode())
+        return [json.loads(line) for line in complete.splitlines() if line.strip()]
+
+    def _poll(self) -> None:
+        for rec in self._records():
+            if self.first_record_at is None:
+                self.first_record_at = time.time()
+            self.last = rec
+            self._show(rec)
+
+    def _show(self, rec: dict) -> None:
+        if self._bar is not None:
+            self._bar.n = rec["step"]
+            self._bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}", refresh=False)
+            self._bar.refresh()
+            return
+        now = time.monotonic()
+        if rec["step"] >= rec["max_steps"] or now - getattr(self, "_printed", -1e9) >= self.interval_s:
+            self._printed = now
+            print(format_line(rec), file=self.stream, flush=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.5):
+            self._poll()

@@ -1,0 +1,61 @@
+"""Checks before anything starts, and the run directory's first files."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import yaml
+
+from data_pipelines import BatchStream, SourceError
+from launcher.errors import ZerorayError
+from launcher.spec import RunSpec
+from trainer.checkpoint import CheckpointStore
+from trainer.run_dir import RunDir
+
+
+def preflight_data(spec: RunSpec) -> None:
+    """Open the data and build one batch on the driver: a wrong path, an empty dataset or a
+    missing text column fails here in a second, not inside a worker after the cluster started."""
+    try:
+        stream = BatchStream(spec.data, micro_batch=1, rank=0, world=spec.cluster.workers)
+        next(stream)
+    except (SourceError, FileNotFoundError) as exc:
+        raise ZerorayError(str(exc)) from None
+
+
+def prepare_run_dir(spec: RunSpec, fresh: bool) -> tuple[RunDir, str]:
+    """Create (or reuse) the run directory. Returns it with a line saying what happened.
+
+    A relaunch reuses the folder and resumes; a relaunch with a different model or data is
+    refused (it would mix two runs' checkpoints) unless there is nothing to lose yet.
+    """
+    run = RunDir(Path(spec.output.run_dir))
+    has_checkpoint = CheckpointStore(run.checkpoints, 0, 1).latest() is not None
+    if run.root.exists() and fresh:
+        moved = run.root.with_name(f"{run.root.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+        shutil.move(str(run.root), moved)
+        status = f"--fresh: moved the previous run to {moved}"
+    elif has_checkpoint:
+        _refuse_other_run(run, spec)
+        status = f"resuming {run.root} from {CheckpointStore(run.checkpoints, 0, 1).latest().path.name}"
+    else:
+        status = f"new run in {run.root}"
+    run.root.mkdir(parents=True, exist_ok=True)
+    run.spec.write_text(spec.to_yaml())
+    return run, status
+
+
+def _refuse_other_run(run: RunDir, spec: RunSpec) -> None:
+    if not run.spec.is_file():
+        return
+    saved = yaml.safe_load(run.spec.read_text()) or {}
+    new = spec.to_dict()
+    changed = [k for k in ("model", "data") if saved.get(k) != new[k]]
+    if changed:
+        raise ZerorayError(
+            f"{run.root} holds checkpoints of a run with a different {' and '.join(changed)} section. "
+            f"Resuming would mix two runs. Use --fresh to start over (the old run is moved aside), "
+            f"or choose another output.name."
+        )

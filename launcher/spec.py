@@ -1,0 +1,235 @@
+"""The run spec: YAML + dotted overrides → one typed, validated, frozen `RunSpec`.
+
+Each package owns its section's schema (models, data_pipelines, trainer, cluster); this module
+composes them, applies overrides, checks the combinations no single section can see, and turns
+pydantic's errors into messages that name the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, model_validator
+
+import models
+from cluster.config import ClusterConfig
+from data_pipelines.config import DataConfig
+from launcher.errors import SpecError
+from trainer.config import TrainerConfig
+
+
+class OutputConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    dir: str = Field("runs", description="Folder that holds run directories.")
+    name: str | None = Field(None, description="Run name (its folder under dir); default: the config file's name.")
+    keep_last: int = Field(3, ge=1, description="Checkpoints kept; older ones are deleted after a new one lands.")
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.dir) / (self.name or "run")
+
+
+class RunSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: SerializeAsAny[BaseModel]
+    data: DataConfig
+    trainer: TrainerConfig = TrainerConfig()
+    cluster: ClusterConfig = ClusterConfig()
+    output: OutputConfig = OutputConfig()
+
+    @model_validator(mode="after")
+    def _sections_agree(self) -> RunSpec:
+        t, c = self.trainer, self.cluster
+        per_step = t.micro_batch_size * t.grad_accum_steps * c.workers
+        if t.global_batch_size is not None and t.global_batch_size != per_step:
+            raise ValueError(
+                f"trainer.global_batch_size ({t.global_batch_size}) != trainer.micro_batch_size "
+                f"({t.micro_batch_size}) × trainer.grad_accum_steps ({t.grad_accum_steps}) × cluster.workers "
+                f"({c.workers}) = {per_step}; change one of them or drop global_batch_size"
+            )
+        max_len = getattr(self.model, "max_seq_len", None)
+        if max_len is not None and self.data.seq_len > max_len:
+            raise ValueError(f"data.seq_len ({self.data.seq_len}) exceeds model.max_seq_len ({max_len})")
+        return self
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.trainer.micro_batch_size * self.trainer.grad_accum_steps * self.cluster.workers
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.global_batch_size * self.data.seq_len
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# ---- parsing -------------------------------------------------------------------------------
+
+
+def parse_spec(raw: Any, origin: str = "config") -> RunSpec:
+    """Validate a plain dict (from YAML, or a saved spec) into a RunSpec."""
+    if not isinstance(raw, dict):
+        raise SpecError(f"{origin}: the top level must be a mapping with model, data, trainer, cluster, output")
+    model_raw = raw.get("model")
+    if not isinstance(model_raw, dict) or "name" not in model_raw:
+        raise SpecError(f"{origin}: model.name is required; known models: {', '.join(models.names())}")
+    try:
+        entry = models.entry(model_raw["name"])
+    except KeyError:
+        close = difflib.get_close_matches(str(model_raw["name"]), models.names(), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise SpecError(
+            f"{origin}: model.name {model_raw['name']!r} is not a known model{hint}; "
+            f"known models: {', '.join(models.names())} (`zeroray models` lists them)"
+        ) from None
+    try:
+        model_cfg = entry.config_cls.model_validate(model_raw)
+    except ValidationError as err:
+        raise SpecError(_explain(err, origin, ("model",), entry.config_cls)) from None
+    try:
+        return RunSpec.model_validate({**raw, "model": model_cfg})
+    except ValidationError as err:
+        raise SpecError(_explain(err, origin, (), RunSpec)) from None
+
+
+def _fields_at(cls: type[BaseModel], loc: tuple) -> list[str]:
+    """Field names of the section that `loc` points into (for 'did you mean' on unknown keys)."""
+    for part in loc:
+        field = cls.model_fields.get(str(part)) if isinstance(part, str) else None
+        annotation = getattr(field, "annotation", None)
+        if annotation is None:
+            # tuples/lists of sections: look through the element type
+            args = getattr(cls, "__args__", ())
+            annotation = next((a for a in args if isinstance(a, type) and issubclass(a, BaseModel)), None)
+            if annotation is None:
+                return []
+        args = getattr(annotation, "__args__", ())
+        inner = next((a for a in args if isinstance(a, type) and issubclass(a, BaseModel)), annotation)
+        if not (isinstance(inner, type) and issubclass(inner, BaseModel)):
+            return []
+        cls = inner
+    return list(cls.model_fields)
+
+
+def _explain(err: ValidationError, origin: str, prefix: tuple, cls: type[BaseModel]) -> str:
+    problems = []
+    for e in err.errors():
+        loc = prefix + tuple(e["loc"])
+        key = ".".join(str(p) for p in loc) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            known = _fields_at(cls, tuple(e["loc"])[:-1])
+            close = difflib.get_close_matches(str(e["loc"][-1]), known, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            problems.append(f"{key}: unknown key; {hint}allowed here: {', '.join(known)}")
+        elif e["type"] == "missing":
+            problems.append(f"{key}: required but missing")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            shown = f" (got {e['input']!r})" if not isinstance(e["input"], dict) else ""
+            problems.append(f"{key}: {msg}{shown}" if loc else msg)
+    return f"{origin} is invalid:\n  " + "\n  ".join(problems)
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply `a.b.c=value` overrides (values parsed as YAML) to a nested dict, returning a copy."""
+    import copy
+
+    out = copy.deepcopy(raw)
+    for item in overrides:
+        key, sep, value_text = item.partition("=")
+        if not sep or not key:
+            raise SpecError(f"override {item!r} must look like key=value, e.g. trainer.zero_stage=3")
+        try:
+            value = yaml.safe_load(value_text) if value_text else None
+        except yaml.YAMLError as exc:
+            raise SpecError(f"override {item!r}: the value is not valid YAML ({exc})") from None
+        node: Any = out
+        parts = key.split(".")
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise SpecError(f"override {item!r}: {'.'.join(parts[:i])} has no item {part}")
+                part = int(part)
+            elif not isinstance(node, dict):
+                raise SpecError(f"override {item!r}: {'.'.join(parts[:i])} is not a section")
+            if last:
+                node[part] = value
+            else:
+                if isinstance(node, dict) and not isinstance(node.get(part), dict | list):
+                    node[part] = {}
+                node = node[part]
+    return out
+
+
+def read_yaml(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise SpecError(f"config file {str(p)!r} not found; configs/ has examples (e.g. configs/demo.yaml)")
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise SpecError(f"config file {str(p)!r} is not valid YAML{where}: {problem}") from None
+    if raw is None:
+        raise SpecError(f"config file {str(p)!r} is empty")
+    if not isinstance(raw, dict):
+        raise SpecError(f"config file {str(p)!r}: the top level must be a mapping of sections")
+    return raw
+
+
+def load_spec(path: str | Path, overrides: list[str] = ()) -> RunSpec:
+    """Config file + overrides → validated RunSpec, with local paths made absolute and the
+    model's vocabulary taken from the tokenizer when the config leaves it at 0."""
+    raw = apply_overrides(read_yaml(path), list(overrides))
+    raw.setdefault("output", {})
+    if isinstance(raw["output"], dict) and not raw["output"].get("name"):
+        raw["output"]["name"] = Path(path).stem
+    return resolve(parse_spec(raw, origin=str(path)))
+
+
+def _absolute(path: str) -> str:
+    if "://" in path or not (Path(path).expanduser().exists() or path.startswith((".", "/", "~"))):
+        return path  # URLs and Hub dataset names stay as written
+    return str(Path(path).expanduser().resolve())
+
+
+def resolve(spec: RunSpec) -> RunSpec:
+    """Make the spec self-contained: absolute local paths (Ray workers run in other folders)
+    and a concrete vocabulary size."""
+    from data_pipelines.tokenizer import load_tokenizer
+
+    data = spec.data.model_copy(
+        update={
+            "sources": tuple(s.model_copy(update={"path": _absolute(s.path)}) for s in spec.data.sources),
+            "tokenizer": spec.data.tokenizer if spec.data.tokenizer == "bytes" else _absolute(spec.data.tokenizer),
+        }
+    )
+    try:
+        vocab = load_tokenizer(data.tokenizer).vocab_size
+    except (FileNotFoundError, ValueError) as exc:
+        raise SpecError(str(exc)) from None
+    model = spec.model
+    declared = getattr(model, "vocab_size", None)
+    if declared is not None:
+        if declared == 0:
+            model = model.model_copy(update={"vocab_size": vocab})
+        elif declared < vocab:
+            raise SpecError(
+                f"model.vocab_size ({declared}) is smaller than the tokenizer's vocabulary ({vocab}, "
+                f"{data.tokenizer}); set model.vocab_size to 0 to take it from the tokenizer"
+            )
+    output = spec.output.model_copy(update={"dir": str(Path(spec.output.dir).expanduser().resolve())})
+    return parse_spec({**spec.to_dict(), "model": model.model_dump(mode="json"),
+                       "data": data.model_dump(mode="json"), "output": output.model_dump(mode="json")})

@@ -1,0 +1,20 @@
+"""What every model's forward returns, so the trainer needs no knowledge of the family."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers.utils import ModelOutput as HFModelOutput
+
+
+@dataclass
+class ModelOutput(HFModelOutput):
+    """A `transformers` ModelOutput (a dict underneath): DeepSpeed ZeRO-3 walks dict outputs to
+    hook its parameter release, and `transformers` users expect this type from a model."""
+
+    loss: torch.Tensor | None = None
+    """Total training loss: the objective plus every auxiliary loss already weighted."""
+    logits: torch.Tensor | None = None
+    aux_losses: dict[str, torch.Tensor] | None = None
+    """Auxiliary losses (already included in `loss`), reported separately in the metrics."""

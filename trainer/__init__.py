@@ -1,0 +1,1 @@
+"""The training loop that runs inside every worker (under Ray, torchrun or accelerate)."""

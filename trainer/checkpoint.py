@@ -1,0 +1,154 @@
+"""Checkpoints in the run directory, published atomically.
+
+Why our own layout instead of Ray Train's checkpoint upload: the same trainer runs under
+torchrun and `accelerate launch`, where Ray's API does not exist, and uploading would copy every
+shard a second time. Every rank writes into `.staging-step_N/` (DeepSpeed state plus its own data
+position and RNG), then rank 0 adds a manifest, renames the folder to `step_N` (one atomic step)
+and rewrites the `latest` pointer atomically. A crash at any moment leaves the previous
+checkpoint whole and `latest` pointing at it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from deepspeed.accelerator import get_accelerator
+
+STAGING_PREFIX = ".staging-"
+LATEST = "latest"
+MANIFEST = "manifest.json"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be used; the message says which and why."""
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    path: Path
+    step: int
+    world_size: int
+
+    @property
+    def tag(self) -> str:
+        return self.path.name
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_tree(folder: Path) -> None:
+    for f in folder.rglob("*"):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+
+
+def rng_state() -> dict:
+    accel = get_accelerator()
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "accelerator": None if accel.device_name() == "cpu" else accel.get_rng_state(),
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["accelerator"] is not None:
+        get_accelerator().set_rng_state(state["accelerator"])
+
+
+class CheckpointStore:
+    def __init__(self, root: Path, rank: int, world_size: int):
+        self.root = Path(root)
+        self.rank = rank
+        self.world_size = world_size
+
+    # ---- reading --------------------------------------------------------------------------
+    def published(self) -> list[Checkpoint]:
+        """Complete checkpoints, oldest first (a folder without a valid manifest is not one)."""
+        found = []
+        for d in sorted(self.root.glob("step_*")):
+            manifest = self._verified_manifest(d)
+            if manifest is not None:
+                found.append(Checkpoint(d, manifest["step"], manifest["world_size"]))
+        return found
+
+    def latest(self) -> Checkpoint | None:
+        pointer = self.root / LATEST
+        published = self.published()
+        if pointer.is_file():
+            tag = pointer.read_text().strip()
+            for ckpt in published:
+                if ckpt.tag == tag:
+                    return ckpt
+        # The pointer is missing or names a damaged checkpoint: fall back to the newest whole one.
+        return published[-1] if published else None
+
+    def _verified_manifest(self, folder: Path) -> dict | None:
+        try:
+            manifest = json.loads((folder / MANIFEST).read_text())
+            for rel, size in manifest["files"].items():
+                if (folder / rel).stat().st_size != size:
+                    return None
+            return manifest
+        except (OSError, ValueError, KeyError):
+            return None
+
+    def rank_state(self, ckpt: Checkpoint) -> dict:
+        return torch.load(ckpt.path / f"rank_{self.rank:05d}.pt", weights_only=False)
+
+    # ---- writing --------------------------------------------------------------------------
+    def remove_staging(self) -> None:
+        """Rank 0, before training: drop folders that a crash left half-written."""
+        for d in self.root.glob(STAGING_PREFIX + "*"):
+            shutil.rmtree(d, ignore_errors=True)
+
+    def save(self, engine, step: int, rank_state: dict, run_files: dict[str, str], keep_last: int) -> Checkpoint:
+        """Collective: every rank calls it. `rank_state` is this rank's own (data position, RNG);
+        `run_files` are small text files rank 0 adds (the spec, the trainer state)."""
+        tag = tag_for(step)
+        staging = STAGING_PREFIX + tag
+        self.root.mkdir(parents=True, exist_ok=True)
+        engine.save_checkpoint(str(self.root), tag=staging, save_latest=False)
+        stage_dir = self.root / staging
+        torch.save(rank_state, stage_dir / f"rank_{self.rank:05d}.pt")
+        dist.barrier()
+        final = self.root / tag
+        if self.rank == 0:
+            for name, text in run_files.items():
+                (stage_dir / name).write_text(text)
+            files = {str(f.relative_to(stage_dir)): f.stat().st_size for f in stage_dir.rglob("*") if f.is_file()}
+            _fsync_tree(stage_dir)
+            manifest = {"step": step, "world_size": self.world_size, "files": files}
+            _write_atomic(stage_dir / MANIFEST, json.dumps(manifest, indent=1))
+            if final.exists():  # a re-run of the same step after a crash: replace it
+                shutil.rmtree(final)
+            os.replace(stage_dir, final)
+            _write_atomic(self.root / LATEST, tag + "\n")
+            for old in self.published()[:-keep_last]:
+                shutil.rmtree(old.path, ignore_errors=True)
+        dist.barrier()
+        return Checkpoint(final, step, self.world_size)

@@ -1,0 +1,173 @@
+"""The training loop every worker runs: build → resume → step → log → checkpoint.
+
+It knows nothing about Ray: under Ray Train the process group already exists when it starts;
+under torchrun or `accelerate launch`, DeepSpeed creates it from the environment.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import time
+
+import deepspeed
+import numpy as np
+import torch
+import torch.distributed as dist
+from deepspeed.accelerator import get_accelerator
+
+import models
+from data_pipelines import BatchStream
+from launcher.spec import RunSpec
+from trainer.checkpoint import Checkpoint, CheckpointError, CheckpointStore, rng_state, set_rng_state
+from trainer.ds_config import deepspeed_config, resolve_precision
+from trainer.run_dir import RunDir
+
+log = logging.getLogger("zeroray.trainer")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _setup_logging(run: RunDir, rank: int) -> None:
+    run.logs.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(run.rank_log(rank))
+    handler.setFormatter(logging.Formatter(f"%(asctime)s rank{rank} %(name)s %(levelname)s %(message)s"))
+    for name in ("zeroray", "DeepSpeed"):
+        logger = logging.getLogger(name)
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+    # DeepSpeed's console chatter would drown the progress bar; its log still reaches the file.
+    logging.getLogger("DeepSpeed").propagate = False
+    for h in list(logging.getLogger("DeepSpeed").handlers):
+        if not isinstance(h, logging.FileHandler):
+            logging.getLogger("DeepSpeed").removeHandler(h)
+
+
+def _init_distributed(spec: RunSpec) -> tuple[int, int]:
+    accel = get_accelerator()
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend=accel.communication_backend_name())
+    else:
+        deepspeed.init_distributed()  # adopts the group Ray Train created
+    if accel.device_name() == "cpu":
+        torch.set_num_threads(spec.cluster.cpus_per_worker)
+    else:
+        accel.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def train(spec: RunSpec) -> dict | None:
+    """Run the whole job in this process; returns the last metrics record on rank 0."""
+    started = time.time()
+    rank, world = _init_distributed(spec)
+    run = RunDir(spec.output.run_dir)
+    _setup_logging(run, rank)
+    try:
+        return _train(spec, run, rank, world, started)
+    except Exception:
+        log.exception("training failed on rank %d", rank)
+        raise
+
+
+def _check_resumable(ckpt: Checkpoint, world: int) -> None:
+    if ckpt.world_size != world:
+        raise CheckpointError(
+            f"checkpoint {ckpt.path} was written by {ckpt.world_size} workers but this run has {world}: "
+            f"ZeRO state and data positions are per rank. Set cluster.workers={ckpt.world_size}, or start "
+            f"over with --fresh."
+        )
+
+
+def _train(spec: RunSpec, run: RunDir, rank: int, world: int, started: float) -> dict | None:
+    t = spec.trainer
+    store = CheckpointStore(run.checkpoints, rank, world)
+    if rank == 0:
+        store.remove_staging()
+    dist.barrier()
+    resume = store.latest()
+    if resume is not None:
+        _check_resumable(resume, world)
+
+    seed_everything(t.seed)  # identical initial weights on every rank
+    model = models.build(spec.model)
+    precision = resolve_precision(spec)
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model,
+        model_parameters=model.param_groups(t.weight_decay),
+        config=deepspeed_config(spec, precision),
+    )
+    data = BatchStream(spec.data, t.micro_batch_size, rank, world)
+    step = 0
+    if resume is not None:
+        load_path, _ = engine.load_checkpoint(str(store.root), tag=resume.tag)
+        if load_path is None:
+            raise CheckpointError(f"DeepSpeed could not load {resume.path}")
+        state = store.rank_state(resume)
+        data.load_state_dict(state["data"])
+        set_rng_state(state["rng"])
+        step = resume.step
+        log.info("resumed from %s at step %d", resume.path, step)
+    else:
+        seed_everything(t.seed + 1000 * (rank + 1))  # per-rank streams for dropout-like draws
+
+    device = engine.device
+    tokens_per_step = spec.tokens_per_step
+    # Throughput over the interval since the last record, checkpoint time excluded.
+    interval_steps, interval_t0, excluded_s = 0, time.perf_counter(), 0.0
+    loss_sum = torch.zeros((), device=device)
+    record: dict | None = None
+    first_step = True
+    while step < t.max_steps:
+        for _ in range(t.grad_accum_steps):
+            batch = {k: v.to(device, non_blocking=True) for k, v in next(data).items()}
+            out = engine(**batch)
+            engine.backward(out.loss)
+            engine.step()
+            loss_sum += out.loss.detach().float()
+        step += 1
+        interval_steps += 1
+        last = step == t.max_steps
+        if first_step or last or step % t.log_every == 0:
+            # The only host sync in the loop: once per logged step.
+            dist.all_reduce(loss_sum)
+            steps, seconds = interval_steps, time.perf_counter() - interval_t0 - excluded_s
+            grad_norm = engine.get_global_grad_norm()
+            record = {
+                "step": step,
+                "loss": loss_sum.item() / (world * t.grad_accum_steps * steps),
+                "lr": scheduler.get_last_lr()[0],
+                "grad_norm": None if grad_norm is None else float(grad_norm),
+                "tokens_per_s": tokens_per_step * steps / seconds,
+                "step_time_s": seconds / steps,
+                "tokens": step * tokens_per_step,
+                "max_steps": t.max_steps,
+                "time": time.time(),
+                "since_start_s": time.time() - started,
+                "precision": precision,
+            }
+            loss_sum.zero_()
+            interval_steps, interval_t0, excluded_s = 0, time.perf_counter(), 0.0
+            first_step = False
+            if rank == 0:
+                with open(run.metrics, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+        if last or (t.checkpoint_every and step % t.checkpoint_every == 0):
+            saving_since = time.perf_counter()
+            store.save(
+                engine,
+                step,
+                rank_state={"data": data.state_dict(), "rng": rng_state()},
+                run_files={"spec.yaml": spec.to_yaml(), "trainer_state.json": json.dumps({"step": step})},
+                keep_last=spec.output.keep_last,
+            )
+            excluded_s += time.perf_counter() - saving_since
+            if rank == 0:
+                log.info("checkpoint at step %d", step)
+    dist.barrier()
+    return record if rank == 0 else None
