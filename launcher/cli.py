@@ -135,9 +135,22 @@ COMMANDS = {
 }
 
 
+def _deepspeed_logs_to_stderr() -> None:
+    """DeepSpeed's logger writes to stdout from import time on; stdout is for our output
+    (`zeroray config show | ...`), so import it once with stdout pointed at stderr."""
+    import contextlib
+
+    with contextlib.redirect_stdout(sys.stderr):
+        from deepspeed.accelerator import get_accelerator
+
+        get_accelerator()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     action = getattr(args, f"{args.command}_command", None)
+    if args.command in ("train", "config"):
+        _deepspeed_logs_to_stderr()
     try:
         return COMMANDS[(args.command, action)](args)
     except ZerorayError as exc:

@@ -40,6 +40,10 @@ def launch(spec: RunSpec, fresh: bool = False, ray_temp_dir: str | None = None, 
     run, status = prepare_run_dir(spec, fresh)
     announce(status)
     latest = CheckpointStore(run.checkpoints, 0, 1).latest()
+    if latest is not None and latest.step >= spec.trainer.max_steps:
+        announce(f"the run already reached step {latest.step} (trainer.max_steps={spec.trainer.max_steps}); "
+                 f"raise trainer.max_steps to continue it, or pass --fresh to start over")
+        return LaunchResult(run, status, None, None, time.time() - started)
     c = spec.cluster
     trainer = TorchTrainer(
         _train_worker,

@@ -23,6 +23,12 @@ def preflight_data(spec: RunSpec) -> None:
         next(stream)
     except (SourceError, FileNotFoundError) as exc:
         raise ZerorayError(str(exc)) from None
+    except Exception as exc:  # pyarrow / datasets / fsspec errors on damaged or empty files
+        where = ", ".join(s.path for s in spec.data.sources)
+        raise ZerorayError(
+            f"data: reading the first batch from {where} failed with {type(exc).__name__}: {exc}. "
+            f"Is a file empty or damaged? Check the files, or rebuild them with `zeroray data prepare`."
+        ) from None
 
 
 def prepare_run_dir(spec: RunSpec, fresh: bool) -> tuple[RunDir, str]:

@@ -1,0 +1,58 @@
+"""Shared fixtures: a small real dataset (prepared by zeroray itself) and one embedded Ray cluster."""
+
+from __future__ import annotations
+
+import shutil
+import sysconfig
+import tempfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+from data_pipelines.prepare import prepare
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def small_corpus(tmp_path_factory) -> Path:
+    """Shards + BPE tokenizer built from a slice of the standard library (offline, ~2 s)."""
+    out = tmp_path_factory.mktemp("corpus")
+    source = Path(sysconfig.get_paths()["stdlib"]) / "email"
+    prepare(out, source=source, shards=4, vocab_size=512, val_fraction=0.05)
+    return out
+
+
+def write_config(path: Path, corpus: Path, runs: Path, **sections) -> Path:
+    """A tiny but complete run spec; keyword arguments update whole sections."""
+    spec = {
+        "model": {"name": "llama", "vocab_size": 0, "d_model": 64, "n_layers": 2, "n_heads": 4, "max_seq_len": 64},
+        "data": {"sources": [{"path": str(corpus / "train")}], "tokenizer": str(corpus / "tokenizer.json"),
+                 "seq_len": 32, "tokenize_batch": 4},
+        "trainer": {"zero_stage": 2, "micro_batch_size": 4, "max_steps": 12, "warmup_steps": 2, "lr": 3e-3,
+                    "log_every": 1, "checkpoint_every": 6},
+        "cluster": {"workers": 2, "cpus_per_worker": 1},
+        "output": {"dir": str(runs), "keep_last": 3},
+    }
+    for section, values in sections.items():
+        spec[section] = {**spec.get(section, {}), **values}
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+@pytest.fixture
+def tiny_config(tmp_path, small_corpus) -> Path:
+    return write_config(tmp_path / "tiny.yaml", small_corpus, tmp_path / "runs")
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One embedded Ray cluster for all launch tests (bound to this machine, private temp dir)."""
+    import ray
+
+    temp = tempfile.mkdtemp(prefix="zr-ray-", dir="/tmp")  # short: Ray's socket paths have a length limit
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, _temp_dir=temp)
+    yield
+    ray.shutdown()
+    shutil.rmtree(temp, ignore_errors=True)

@@ -1,0 +1,142 @@
+"""Run-spec validation, overrides, and the CLI's handling of bad input."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from launcher.cli import main
+from launcher.errors import SpecError
+from launcher.spec import apply_overrides, load_spec
+from tests.conftest import write_config
+
+
+def run_cli(capsys, *argv) -> tuple[int, str]:
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.err
+
+
+def test_valid_spec_resolves_paths_and_vocab(tiny_config, small_corpus):
+    spec = load_spec(tiny_config, ["trainer.zero_stage=3", "cluster.workers=1", "trainer.lr=3e-4"])
+    assert spec.trainer.lr == 3e-4
+    assert spec.trainer.zero_stage == 3 and spec.cluster.workers == 1
+    assert spec.model.vocab_size == 512  # taken from the tokenizer
+    assert spec.output.name == "tiny"  # from the config file name
+    assert spec.data.sources[0].path.startswith("/")
+    with pytest.raises(Exception):  # frozen
+        spec.trainer.zero_stage = 1  # type: ignore[misc]
+
+
+def test_overrides_parse_yaml_values_and_lists():
+    raw = {"trainer": {"lr": 1.0}, "data": {"sources": [{"path": "a"}]}}
+    out = apply_overrides(raw, ["trainer.lr=3e-4", "trainer.betas=[0.9, 0.99]", "data.sources.0.path=b",
+                                "cluster.workers=4"])
+    assert out["trainer"]["lr"] == "3e-4"  # YAML 1.1 reads this as text; the spec turns it into a float
+    assert out["trainer"]["betas"] == [0.9, 0.99]
+    assert out["data"]["sources"][0]["path"] == "b"
+    assert out["cluster"]["workers"] == 4
+    assert raw["trainer"]["lr"] == 1.0  # input untouched
+    for bad in ["trainer.lr", "=3", "data.sources.5.path=x"]:
+        with pytest.raises(SpecError):
+            apply_overrides(raw, [bad])
+
+
+@pytest.mark.parametrize(
+    "overrides, fragment",
+    [
+        (["trainer.zero_stage=4"], "trainer.zero_stage"),
+        (["trainer.zero_stage=-1"], "trainer.zero_stage"),
+        (["trainer.zero_stag=1"], "did you mean 'zero_stage'"),
+        (["model.name=lama"], "did you mean 'llama'"),
+        (["trainer.global_batch_size=7"], "trainer.global_batch_size (7)"),
+        (["trainer.warmup_steps=50"], "warmup_steps (50) must be smaller than max_steps"),
+        (["model.d_model=abc"], "model.d_model"),
+        (["model.n_heads=5"], "divisible by n_heads"),
+        (["data.seq_len=128"], "exceeds model.max_seq_len"),
+        (["model.vocab_size=100"], "smaller than the tokenizer's vocabulary"),
+        (["data.tokenizer=/no/such/tokenizer.json"], "is not a file"),
+        (["cluster.workers=0"], "cluster.workers"),
+        (["trainer.precision=fp8"], "trainer.precision"),
+    ],
+)
+def test_bad_values_name_the_key(tiny_config, overrides, fragment):
+    with pytest.raises(SpecError) as err:
+        load_spec(tiny_config, overrides)
+    assert fragment in str(err.value)
+
+
+def test_missing_file_and_yaml_syntax(tmp_path):
+    with pytest.raises(SpecError, match="not found"):
+        load_spec(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  name: llama\n  d_model: [1, 2\n")
+    with pytest.raises(SpecError, match="not valid YAML at line"):
+        load_spec(bad)
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    with pytest.raises(SpecError, match="empty"):
+        load_spec(empty)
+
+
+@pytest.mark.parametrize(
+    "problem, fragment",
+    [
+        ("missing_config", "not found"),
+        ("missing_data", "does not exist"),
+        ("empty_documents", "produced no tokens"),
+        ("empty_file", "Is a file empty or damaged?"),
+        ("wrong_column", "data.text_field"),
+        ("zero_stage", "trainer.zero_stage"),
+        ("unknown_model", "not a known model"),
+    ],
+)
+def test_cli_bad_input_is_one_paragraph_and_leaves_no_run_dir(tmp_path, small_corpus, capsys, problem, fragment):
+    runs = tmp_path / "runs"
+    config = write_config(tmp_path / "c.yaml", small_corpus, runs)
+    overrides: list[str] = []
+    if problem == "missing_config":
+        config = tmp_path / "missing.yaml"
+    elif problem == "missing_data":
+        overrides = [f"data.sources.0.path={tmp_path / 'no-such-folder'}"]
+    elif problem == "empty_documents":
+        pq.write_table(pa.table({"text": ["", ""]}), tmp_path / "blank.parquet")
+        overrides = [f"data.sources.0.path={tmp_path / 'blank.parquet'}"]
+    elif problem == "empty_file":
+        pq.write_table(pa.table({"text": pa.array([], pa.string())}), tmp_path / "empty.parquet")
+        overrides = [f"data.sources.0.path={tmp_path / 'empty.parquet'}"]
+    elif problem == "wrong_column":
+        overrides = ["data.text_field=body"]
+    elif problem == "zero_stage":
+        overrides = ["trainer.zero_stage=7"]
+    elif problem == "unknown_model":
+        overrides = ["model.name=gpt9"]
+    code, err = run_cli(capsys, "train", str(config), *overrides)
+    assert code == 2
+    assert fragment in err
+    assert "Traceback" not in err
+    assert not runs.exists()  # nothing half-written blocks the next try
+
+
+def test_cli_debug_shows_traceback(tmp_path, capsys):
+    code, err = run_cli(capsys, "--debug", "config", "show", str(tmp_path / "missing.yaml"))
+    assert code == 2 and "Traceback" in err
+
+
+def test_console_script_help_and_config_show(tiny_config):
+    exe = [sys.executable, "-m", "launcher.cli"]
+    for args in ([], ["train"], ["config", "show"], ["data", "prepare"], ["models"]):
+        out = subprocess.run(exe + args + ["--help"], capture_output=True, text=True, check=True).stdout
+        assert "usage: zeroray" in out
+    shown = subprocess.run(exe + ["config", "show", str(tiny_config), "trainer.zero_stage=3"],
+                           capture_output=True, text=True, check=True).stdout
+    spec_part, ds_part = shown.split("# DeepSpeed config")
+    assert yaml.safe_load(spec_part)["trainer"]["zero_stage"] == 3
+    ds = yaml.safe_load(ds_part.split("\n", 1)[1])
+    assert ds["zero_optimization"]["stage"] == 3
+    assert ds["train_batch_size"] == 4 * 1 * 2
