@@ -36,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
         "the same command resumes from the run's latest checkpoint.",
     )
     _add_config_args(train)
+    train.add_argument("--address", default=None, metavar="ADDRESS",
+                       help="join this Ray cluster (host:port, ray://host:10001, auto) instead of starting an "
+                       "embedded one; same as cluster.address=ADDRESS")
     train.add_argument("--fresh", action="store_true",
                        help="start over: move the existing run directory aside instead of resuming")
     train.add_argument("--progress-interval", type=float, default=10.0, metavar="SECONDS",
@@ -73,7 +76,8 @@ def cmd_train(args) -> int:
     from launcher.ray_launch import launch
     from launcher.spec import load_spec
 
-    spec = load_spec(args.config, args.overrides)
+    overrides = args.overrides + ([f"cluster.address={args.address}"] if args.address else [])
+    spec = load_spec(args.config, overrides)
     result = launch(spec, fresh=args.fresh, progress_interval_s=args.progress_interval,
                     announce=lambda s: print(f"zeroray: {s}", file=sys.stderr, flush=True))
     last = result.last or {}

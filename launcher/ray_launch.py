@@ -18,7 +18,23 @@ def _train_worker(config: dict) -> None:
     """Ray Train's per-worker entry point (module level, so it pickles by reference)."""
     from trainer.loop import train
 
-    train(parse_spec(config["spec"], origin="spec sent by the driver"))
+    train(parse_spec(config["spec"], origin="spec sent by the driver"), on_checkpoint=_report_to_ray)
+
+
+def _report_to_ray(ckpt, record: dict) -> None:
+    """Register each published checkpoint with Ray Train (rank 0 names it; every rank reports,
+    since report is a barrier). NO_UPLOAD: it already lies in the run directory, so Ray only
+    records it — `Result.checkpoint` then points at zeroray's checkpoint folder."""
+    import ray.train
+    from ray.train import Checkpoint, CheckpointUploadMode
+
+    rank = ray.train.get_context().get_world_rank()
+    metrics = {k: v for k, v in record.items() if isinstance(v, int | float)}
+    ray.train.report(
+        metrics,
+        checkpoint=Checkpoint(str(ckpt.path)) if rank == 0 else None,
+        checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD,
+    )
 
 
 @dataclass(frozen=True)
@@ -26,6 +42,7 @@ class LaunchResult:
     run: RunDir
     status: str
     last: dict | None
+    ray_checkpoint: str | None  # the last checkpoint as Ray Train recorded it
     first_step_s: float | None
     wall_s: float
 
@@ -43,7 +60,7 @@ def launch(spec: RunSpec, fresh: bool = False, ray_temp_dir: str | None = None, 
     if latest is not None and latest.step >= spec.trainer.max_steps:
         announce(f"the run already reached step {latest.step} (trainer.max_steps={spec.trainer.max_steps}); "
                  f"raise trainer.max_steps to continue it, or pass --fresh to start over")
-        return LaunchResult(run, status, None, None, time.time() - started)
+        return LaunchResult(run, status, None, None, None, time.time() - started)
     c = spec.cluster
     trainer = TorchTrainer(
         _train_worker,
@@ -55,8 +72,10 @@ def launch(spec: RunSpec, fresh: bool = False, ray_temp_dir: str | None = None, 
             resources_per_worker={"CPU": c.cpus_per_worker, **({"GPU": c.gpus_per_worker} if c.gpus_per_worker else {})},
         ),
         run_config=RunConfig(
-            name="ray",
-            storage_path=str(run.root),
+            # Ray's run folder is zeroray's run directory: the checkpoints registered with Ray
+            # must lie inside it, and there is one folder per run to find, move or delete.
+            name=run.root.name,
+            storage_path=str(run.root.parent),
             failure_config=FailureConfig(max_failures=spec.trainer.max_failures),
             worker_runtime_env={"env_vars": worker_env(c)},
         ),
@@ -66,13 +85,14 @@ def launch(spec: RunSpec, fresh: bool = False, ray_temp_dir: str | None = None, 
         progress = Progress(run.metrics, latest.step if latest else 0, spec.trainer.max_steps, progress_interval_s)
         with progress:
             try:
-                trainer.fit()
+                ray_result = trainer.fit()
             except TrainingFailedError as exc:
                 raise ZerorayError(explain_failure(exc, run)) from None
     return LaunchResult(
         run=run,
         status=status,
         last=progress.last,
+        ray_checkpoint=None if ray_result.checkpoint is None else ray_result.checkpoint.path,
         first_step_s=None if progress.first_record_at is None else progress.first_record_at - started,
         wall_s=time.time() - started,
     )
@@ -86,8 +106,9 @@ def explain_failure(exc: Exception, run: RunDir) -> str:
         root = err
         while getattr(root, "cause", None) is not None or root.__cause__ is not None:
             root = getattr(root, "cause", None) or root.__cause__
-        message = str(root).strip().splitlines()
-        lines.append(f"  rank {rank}: {type(root).__name__}: {message[-1] if message else ''}")
+        message = [line for line in str(root).strip().splitlines() if line.strip()]
+        summary = message[0][:400] if message else ""
+        lines.append(f"  rank {rank}: {type(root).__name__}: {summary}")
         lines.append(f"  full log: {run.rank_log(rank)}")
     if not failures:
         lines.append(f"  {type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}")

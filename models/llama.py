@@ -24,7 +24,7 @@ from models.registry import register
 class LlamaConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    name: Literal["llama"] = "llama"
+    name: Literal["llama"] = Field("llama", description="Model family; `zeroray models` lists them.")
     vocab_size: int = Field(0, ge=0, description="Tokens in the vocabulary; 0 = take it from the data's tokenizer.")
     d_model: int = Field(256, ge=8, description="Width of the residual stream.")
     n_layers: int = Field(4, ge=1, description="Number of transformer blocks.")

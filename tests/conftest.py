@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-import shutil
+import os
+
+# Tests never download: Hub names must fail fast and clearly instead of waiting on the network.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+import shutil  # noqa: E402
 import sysconfig
 import tempfile
 from pathlib import Path

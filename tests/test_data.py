@@ -141,3 +141,23 @@ def test_prepare_writes_shards_validation_and_a_tokenizer(small_corpus):
     assert tok.get_vocab_size() == 512 and tok.token_to_id(EOS_TOKEN) is not None
     text = "def f(x):\n    return x  # ünïcödé"
     assert tok.decode(tok.encode(text).ids) == text  # byte-level: lossless round trip
+
+
+def test_fsspec_url_source(tmp_path):
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    with fs.open("/zr-test/docs.jsonl", "w") as f:
+        f.write("".join(json.dumps({"text": f"remote doc {i}"}) + "\n" for i in range(5)))
+    stream = BatchStream(byte_config("memory://zr-test/docs.jsonl", seq_len=8), micro_batch=1)
+    ids = [t for b in take(stream, 3) for t in b[0].tolist()]
+    assert ids[:11] == list(b"remote doc ")
+
+
+def test_unreachable_hub_name_and_missing_path_are_clear_errors(tmp_path):
+    from data_pipelines import SourceError
+
+    with pytest.raises(SourceError, match="not a local file or folder, and the Hugging Face Hub could not open it"):
+        next(BatchStream(byte_config("someone/no-such-dataset"), micro_batch=1))
+    with pytest.raises(SourceError, match="does not exist"):
+        next(BatchStream(byte_config(tmp_path / "missing.jsonl"), micro_batch=1))

@@ -29,6 +29,7 @@ def test_train_then_resume_after_a_crash_gives_the_same_losses(ray_local, tiny_c
     first3, last3 = (sum(r["loss"] for r in part) / 3 for part in (full[:3], full[-3:]))
     assert last3 < first3 - 0.25, "the loss falls"
     assert result.last["step"] == 12
+    assert result.ray_checkpoint == str(run / "checkpoints" / "step_00000012")  # registered with Ray Train
     assert all(r["precision"] in ("bf16", "fp32") for r in full)
     store = CheckpointStore(run / "checkpoints", 0, 2)
     assert [c.step for c in store.published()] == [6, 12]

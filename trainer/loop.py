@@ -11,6 +11,7 @@ import logging
 import os
 import random
 import time
+from collections.abc import Callable
 
 import deepspeed
 import numpy as np
@@ -62,14 +63,21 @@ def _init_distributed(spec: RunSpec) -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def train(spec: RunSpec) -> dict | None:
-    """Run the whole job in this process; returns the last metrics record on rank 0."""
+CheckpointHook = Callable[[Checkpoint, dict], None]
+"""Called on every rank after a checkpoint is published, with the latest metrics record."""
+
+
+def train(spec: RunSpec, on_checkpoint: CheckpointHook | None = None) -> dict | None:
+    """Run the whole job in this process; returns the last metrics record on rank 0.
+
+    `on_checkpoint` lets a launcher tell its scheduler about each checkpoint (Ray Train's report)
+    without the loop knowing about that scheduler."""
     started = time.time()
     rank, world = _init_distributed(spec)
     run = RunDir(spec.output.run_dir)
     _setup_logging(run, rank)
     try:
-        return _train(spec, run, rank, world, started)
+        return _train(spec, run, rank, world, started, on_checkpoint)
     except Exception:
         log.exception("training failed on rank %d", rank)
         raise
@@ -84,7 +92,8 @@ def _check_resumable(ckpt: Checkpoint, world: int) -> None:
         )
 
 
-def _train(spec: RunSpec, run: RunDir, rank: int, world: int, started: float) -> dict | None:
+def _train(spec: RunSpec, run: RunDir, rank: int, world: int, started: float,
+           on_checkpoint: CheckpointHook | None) -> dict | None:
     t = spec.trainer
     store = CheckpointStore(run.checkpoints, rank, world)
     if rank == 0:
@@ -159,13 +168,15 @@ def _train(spec: RunSpec, run: RunDir, rank: int, world: int, started: float) ->
                     f.write(json.dumps(record) + "\n")
         if last or (t.checkpoint_every and step % t.checkpoint_every == 0):
             saving_since = time.perf_counter()
-            store.save(
+            published = store.save(
                 engine,
                 step,
                 rank_state={"data": data.state_dict(), "rng": rng_state()},
                 run_files={"spec.yaml": spec.to_yaml(), "trainer_state.json": json.dumps({"step": step})},
                 keep_last=spec.output.keep_last,
             )
+            if on_checkpoint is not None:
+                on_checkpoint(published, record or {"step": step})
             excluded_s += time.perf_counter() - saving_since
             if rank == 0:
                 log.info("checkpoint at step %d", step)
