@@ -1,7 +1,10 @@
-"""The baseline decoder every other model is compared to: Llama-style, nanoGPT-sized code.
+"""Decoder-only LLMs: the Llama-style baseline and its hyper-connection variant, dense or MoE.
 
-Pre-norm residual blocks (RMSNorm), rotary positions, SwiGLU MLP, causal SDPA attention,
-grouped-query attention, tied or untied embeddings. Free of any parallelism: DeepSpeed wraps it.
+`llama`: pre-norm residual blocks (RMSNorm), rotary positions, SwiGLU MLP, causal SDPA attention,
+grouped-query attention, tied or untied embeddings — the baseline every other model is compared to.
+`hc_llm`: the same blocks with every residual connection replaced by hyper-connections.
+Either takes `moe:` to replace each MLP with a mixture of experts (OLMoE-style).
+Free of any parallelism: DeepSpeed wraps it.
 """
 
 from __future__ import annotations
@@ -15,7 +18,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from models.layers.attention import CausalSelfAttention
+from models.layers.hyper_connections import HyperConnection
 from models.layers.mlp import SwiGLU, swiglu_hidden_size
+from models.layers.moe import MoEConfig, MoELayer
 from models.layers.norms import RMSNorm
 from models.output import ModelOutput
 from models.registry import register
@@ -35,6 +40,7 @@ class LlamaConfig(BaseModel):
     rope_theta: float = Field(10000.0, gt=0, description="Rotary base frequency.")
     tie_embeddings: bool = Field(True, description="Share the input embedding with the output projection.")
     init_std: float = Field(0.02, gt=0, description="Std of the normal initialisation.")
+    moe: MoEConfig | None = Field(None, description="Replace every MLP with a mixture of experts (null = dense).")
 
     @model_validator(mode="after")
     def _shapes_fit(self) -> LlamaConfig:
@@ -54,18 +60,51 @@ class LlamaConfig(BaseModel):
     def mlp_hidden(self) -> int:
         return swiglu_hidden_size(self.d_model, self.mlp_multiple_of)
 
+    @property
+    def expert_hidden(self) -> int:
+        """Each expert's hidden size: by default top_k experts hold as many weights as the dense MLP."""
+        assert self.moe is not None
+        return self.moe.expert_hidden or max(1, self.mlp_hidden // self.moe.top_k)
+
+    @property
+    def hc_rate(self) -> int:
+        return 0  # plain residual connections
+
+
+class HCLLMConfig(LlamaConfig):
+    name: Literal["hc_llm"] = Field("hc_llm", description="Model family; `zeroray models` lists them.")
+    rate: int = Field(4, ge=1, description="Expansion rate n: the number of hidden streams.")
+    dynamic: bool = Field(True, description="Dynamic hyper-connections (DHC); false = static (SHC).")
+
+    @property
+    def hc_rate(self) -> int:
+        return self.rate
+
 
 class Block(nn.Module):
-    def __init__(self, cfg: LlamaConfig):
+    def __init__(self, cfg: LlamaConfig, index: int):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.d_model)
         self.attn = CausalSelfAttention(cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.rope_theta)
         self.mlp_norm = RMSNorm(cfg.d_model)
-        self.mlp = SwiGLU(cfg.d_model, cfg.mlp_hidden)
+        if cfg.moe is None:
+            self.mlp: nn.Module = SwiGLU(cfg.d_model, cfg.mlp_hidden)
+        else:
+            self.mlp = MoELayer(cfg.d_model, cfg.expert_hidden, cfg.moe)
+        self.hyper = cfg.hc_rate > 0
+        if self.hyper:  # the k-th hyper-connection: k = 2·layer (attention), 2·layer + 1 (MLP)
+            dynamic = getattr(cfg, "dynamic", False)
+            self.hc_attn = HyperConnection(cfg.d_model, cfg.hc_rate, 2 * index, dynamic)
+            self.hc_mlp = HyperConnection(cfg.d_model, cfg.hc_rate, 2 * index + 1, dynamic)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x))
-        return x + self.mlp(self.mlp_norm(x))
+        if not self.hyper:
+            x = x + self.attn(self.attn_norm(x))
+            return x + self.mlp(self.mlp_norm(x))
+        h, carried, beta = self.hc_attn.width(x)
+        x = HyperConnection.depth(self.attn(self.attn_norm(h)), carried, beta)
+        h, carried, beta = self.hc_mlp.width(x)
+        return HyperConnection.depth(self.mlp(self.mlp_norm(h)), carried, beta)
 
 
 class LlamaModel(nn.Module):
@@ -75,7 +114,7 @@ class LlamaModel(nn.Module):
             raise ValueError("model.vocab_size is 0: resolve it from the tokenizer before building the model")
         self.config = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -83,8 +122,9 @@ class LlamaModel(nn.Module):
         self.apply(self._init_weights)
         # GPT-2 / OLMo: scale the projections that write into the residual stream by 1/sqrt(2L).
         for name, p in self.named_parameters():
-            if name.endswith(("o_proj.weight", "down_proj.weight")):
+            if name.endswith(("o_proj.weight", "down_proj.weight", "w_down")):
                 nn.init.normal_(p, std=cfg.init_std / math.sqrt(2 * cfg.n_layers))
+        self.moe_layers = [m for m in self.modules() if isinstance(m, MoELayer)]
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, nn.Linear | nn.Embedding):
@@ -96,14 +136,33 @@ class LlamaModel(nn.Module):
         if input_ids.shape[1] > self.config.max_seq_len:
             raise ValueError(f"sequence of {input_ids.shape[1]} tokens exceeds model.max_seq_len {self.config.max_seq_len}")
         x = self.embed(input_ids)
+        rate = self.config.hc_rate
+        if rate:  # the embedding is copied into the n streams
+            x = x.unsqueeze(-2).expand(*x.shape[:-1], rate, x.shape[-1])
         for block in self.blocks:
             x = block(x)
+        if rate:  # the streams are summed before the final norm
+            x = x.float().sum(-2).to(self.embed.weight.dtype)
         logits = self.lm_head(self.norm(x))
+        aux: dict[str, torch.Tensor] = {}
+        for layer in self.moe_layers:  # summed over layers
+            for key, value in layer.aux_losses.items():
+                aux[key] = aux[key] + value if key in aux else value
         loss = None
         if labels is not None:
             # Cross-entropy in fp32: bf16 log-softmax over a large vocabulary loses the small terms.
             loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
-        return ModelOutput(loss=loss, logits=logits)
+            loss = loss + sum(aux.values()) if aux else loss
+        return ModelOutput(loss=loss, logits=logits, aux_losses=aux or None)
+
+    def step_statistics(self) -> dict[str, torch.Tensor]:
+        """Statistics of the last forward pass, summed over ranks by the trainer on logged steps."""
+        if not self.moe_layers:
+            return {}
+        return {
+            "moe_tokens_per_expert": torch.stack([m.tokens_per_expert for m in self.moe_layers]).sum(0).float(),
+            "moe_dropped_fraction": torch.stack([m.dropped_fraction for m in self.moe_layers]).mean(),
+        }
 
     # ---- accounting -------------------------------------------------------------------------
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
@@ -113,24 +172,38 @@ class LlamaModel(nn.Module):
             total -= self.embed.weight.numel()
         return total
 
-    def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token: 6 × matmul parameters + attention scores (PaLM appendix B).
+    def num_active_parameters(self) -> int:
+        """Parameters a token passes through: only top_k of each MoE layer's experts."""
+        inactive = 0
+        for m in self.moe_layers:
+            per_expert = (m.w_gate.numel() + m.w_up.numel() + m.w_down.numel()) // m.cfg.num_experts
+            inactive += (m.cfg.num_experts - m.cfg.top_k) * per_expert
+        return self.num_parameters() - inactive
 
-        Matmul parameters are every Linear weight, the output projection included (it is a matmul
-        even when tied); the input embedding is a lookup and costs nothing.
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token: 6 × multiply-adds per token + attention scores (PaLM appendix B).
+
+        Multiply-adds: every Linear weight (the output projection included, it is a matmul even when
+        tied; the input embedding is a lookup), top_k experts of each MoE layer, and the
+        hyper-connections' mixing. Attention: QKᵀ and AV, 12·L·d·seq, not halved for causality.
         """
         cfg = self.config
-        matmul = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
+        macs = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
+        macs += sum(m.cfg.top_k * 3 * m.w_gate.shape[1] * m.w_gate.shape[2] for m in self.moe_layers)
+        macs += sum(m.macs_per_token(cfg.d_model) for m in self.modules() if isinstance(m, HyperConnection))
         attention = 12 * cfg.n_layers * cfg.d_model * seq_len
-        return 6.0 * matmul + attention
+        return 6.0 * macs + attention
 
     def param_groups(self, weight_decay: float) -> list[dict]:
-        """nanoGPT's rule: decay every matrix (embeddings included), never norms or biases."""
+        """nanoGPT's rule: decay every matrix (embeddings included), never norms or biases; and
+        never a parameter marked `_no_weight_decay` (the static hyper-connection matrices)."""
         unique = {id(p): p for p in self.parameters() if p.requires_grad}.values()
+        decays = {id(p): p.dim() >= 2 and not getattr(p, "_no_weight_decay", False) for p in unique}
         return [
-            {"params": [p for p in unique if p.dim() >= 2], "weight_decay": weight_decay, "name": "decay"},
-            {"params": [p for p in unique if p.dim() < 2], "weight_decay": 0.0, "name": "no_decay"},
+            {"params": [p for p in unique if decays[id(p)]], "weight_decay": weight_decay, "name": "decay"},
+            {"params": [p for p in unique if not decays[id(p)]], "weight_decay": 0.0, "name": "no_decay"},
         ]
 
 
-register("llama", LlamaConfig, LlamaModel, "Llama-style decoder (RMSNorm, RoPE, SwiGLU, SDPA): the baseline")
+register("llama", LlamaConfig, LlamaModel, "Llama-style decoder (RMSNorm, RoPE, SwiGLU, SDPA), dense or MoE: the baseline")
+register("hc_llm", HCLLMConfig, LlamaModel, "the baseline decoder with hyper-connections (static or dynamic), dense or MoE")

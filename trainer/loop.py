@@ -83,6 +83,27 @@ def train(spec: RunSpec, on_checkpoint: CheckpointHook | None = None) -> dict | 
         raise
 
 
+def _all_reduce_sum(values: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Sum scalars over ranks in one collective, then bring them to the host."""
+    stacked = torch.stack([v.reshape(()) for v in values.values()])
+    dist.all_reduce(stacked)
+    return dict(zip(values, stacked.tolist(), strict=True))
+
+
+def _statistics(model, world: int) -> dict:
+    """The model's per-step statistics (e.g. MoE expert load) of the last micro-batch: summed over
+    ranks for counts, averaged for fractions."""
+    stats = getattr(model, "step_statistics", dict)()
+    out = {}
+    for name, value in stats.items():
+        value = value.detach().float().clone()
+        dist.all_reduce(value)
+        if "fraction" in name:
+            value = value / world
+        out[name.replace("moe_", "moe/", 1)] = value.tolist()
+    return out
+
+
 def _check_resumable(ckpt: Checkpoint, world: int) -> None:
     if ckpt.world_size != world:
         raise CheckpointError(
@@ -130,6 +151,7 @@ def _train(spec: RunSpec, run: RunDir, rank: int, world: int, started: float,
     # Throughput over the interval since the last record, checkpoint time excluded.
     interval_steps, interval_t0, excluded_s = 0, time.perf_counter(), 0.0
     loss_sum = torch.zeros((), device=device)
+    aux_sums: dict[str, torch.Tensor] = {}
     record: dict | None = None
     first_step = True
     while step < t.max_steps:
@@ -139,17 +161,24 @@ def _train(spec: RunSpec, run: RunDir, rank: int, world: int, started: float,
             engine.backward(out.loss)
             engine.step()
             loss_sum += out.loss.detach().float()
+            for name, value in (out.aux_losses or {}).items():
+                aux_sums[name] = aux_sums.get(name, 0.0) + value.detach().float()
         step += 1
         interval_steps += 1
         last = step == t.max_steps
         if first_step or last or step % t.log_every == 0:
             # The only host sync in the loop: once per logged step.
-            dist.all_reduce(loss_sum)
             steps, seconds = interval_steps, time.perf_counter() - interval_t0 - excluded_s
+            micro_batches = world * t.grad_accum_steps * steps
+            losses = _all_reduce_sum({"loss": loss_sum, **aux_sums})
+            aux = {f"aux/{k}": v / micro_batches for k, v in losses.items() if k != "loss"}
             grad_norm = engine.get_global_grad_norm()
             record = {
                 "step": step,
-                "loss": loss_sum.item() / (world * t.grad_accum_steps * steps),
+                # The objective alone; auxiliary losses (already in the optimised total) are listed apart.
+                "loss": (losses["loss"] - sum(v * micro_batches for v in aux.values())) / micro_batches,
+                **aux,
+                **_statistics(engine.module, world),
                 "lr": scheduler.get_last_lr()[0],
                 "grad_norm": None if grad_norm is None else float(grad_norm),
                 "tokens_per_s": tokens_per_step * steps / seconds,
@@ -161,6 +190,7 @@ def _train(spec: RunSpec, run: RunDir, rank: int, world: int, started: float,
                 "precision": precision,
             }
             loss_sum.zero_()
+            aux_sums = {}
             interval_steps, interval_t0, excluded_s = 0, time.perf_counter(), 0.0
             first_step = False
             if rank == 0:

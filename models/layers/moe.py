@@ -1,0 +1,98 @@
+"""Mixture-of-experts feed-forward layer: token-choice top-k routing with SwiGLU experts.
+
+Routing math runs in fp32 (router logits, softmax, losses) whatever the activation dtype.
+Dispatch is sort-and-group: assignments are sorted by expert, each expert runs one matmul on
+its contiguous slice, and results are scattered back with index_add — no Python loop over
+tokens. The experts' weights are three stacked tensors [E, …], so every expert's parameters
+take part in every step (ZeRO-3 gathers them as a whole; no leaf-module trick needed).
+
+Losses (both already multiplied by their coefficients):
+- load balance (Switch Transformer): α · E · Σᵢ fᵢ · Pᵢ, fᵢ the share of routed assignments that
+  chose expert i (before capacity drops), Pᵢ the mean router probability of expert i;
+- router z-loss (ST-MoE): β · mean(logsumexp(logits)²).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import nn
+
+
+class MoEConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    num_experts: int = Field(8, ge=1, description="Experts per MoE layer.")
+    top_k: int = Field(2, ge=1, description="Experts each token is sent to.")
+    expert_hidden: int = Field(0, ge=0, description="Hidden size of each expert; 0 = the dense MLP's size ÷ top_k.")
+    capacity_factor: float = Field(
+        0.0, ge=0, description="Expert capacity = factor × tokens × top_k ÷ experts; extra tokens are dropped. 0 = dropless."
+    )
+    aux_loss_coef: float = Field(0.01, ge=0, description="α of the load-balancing loss.")
+    z_loss_coef: float = Field(1e-3, ge=0, description="β of the router z-loss.")
+
+    @model_validator(mode="after")
+    def _k_fits(self) -> MoEConfig:
+        if self.top_k > self.num_experts:
+            raise ValueError(f"top_k ({self.top_k}) cannot exceed num_experts ({self.num_experts})")
+        return self
+
+
+class MoELayer(nn.Module):
+    def __init__(self, d_model: int, hidden: int, cfg: MoEConfig):
+        super().__init__()
+        self.cfg = cfg
+        e = cfg.num_experts
+        self.router = nn.Linear(d_model, e, bias=False)
+        self.w_gate = nn.Parameter(torch.empty(e, d_model, hidden))
+        self.w_up = nn.Parameter(torch.empty(e, d_model, hidden))
+        self.w_down = nn.Parameter(torch.empty(e, hidden, d_model))
+        for w in (self.w_gate, self.w_up, self.w_down):
+            nn.init.normal_(w, std=0.02)
+        # Set by forward, read by the model after the step (losses) and the trainer (statistics).
+        self.aux_losses: dict[str, torch.Tensor] = {}
+        self.tokens_per_expert: torch.Tensor | None = None
+        self.dropped_fraction: torch.Tensor | None = None
+
+    def capacity(self, num_tokens: int) -> int:
+        if self.cfg.capacity_factor == 0:
+            return num_tokens * self.cfg.top_k  # dropless: room for every assignment
+        return max(1, math.ceil(self.cfg.capacity_factor * num_tokens * self.cfg.top_k / self.cfg.num_experts))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        tokens = x.reshape(-1, shape[-1])
+        t, e, k = tokens.shape[0], self.cfg.num_experts, self.cfg.top_k
+        logits = F.linear(tokens.float(), self.router.weight.float())  # [T, E] in fp32
+        probs = logits.softmax(dim=-1)
+        gate, expert = probs.topk(k, dim=-1)  # [T, k]
+
+        # First choices claim capacity before second choices (GShard): order assignments k-major.
+        flat_expert = expert.t().reshape(-1)  # [k·T]
+        flat_token = torch.arange(t, device=x.device).repeat(k)
+        flat_gate = gate.t().reshape(-1)
+        one_hot = F.one_hot(flat_expert, e)
+        position = (one_hot.cumsum(0) - 1).gather(1, flat_expert[:, None]).squeeze(1)
+        keep = position < self.capacity(t)
+
+        kept_expert, kept_token, kept_gate = flat_expert[keep], flat_token[keep], flat_gate[keep]
+        order = kept_expert.argsort(stable=True)
+        counts = torch.bincount(kept_expert, minlength=e)
+        routed = tokens[kept_token[order]]
+        outputs = []
+        for i, chunk in enumerate(routed.split(counts.tolist())):
+            outputs.append((F.silu(chunk @ self.w_gate[i]) * (chunk @ self.w_up[i])) @ self.w_down[i])
+        expert_out = torch.cat(outputs) * kept_gate[order, None].to(x.dtype)
+        y = torch.zeros_like(tokens).index_add_(0, kept_token[order], expert_out)
+
+        share = one_hot.float().mean(0)  # fᵢ over all k·T assignments, before drops
+        self.aux_losses = {
+            "load_balance": self.cfg.aux_loss_coef * e * (share * probs.mean(0)).sum(),
+            "router_z": self.cfg.z_loss_coef * torch.logsumexp(logits, dim=-1).pow(2).mean(),
+        }
+        self.tokens_per_expert = counts.detach()
+        self.dropped_fraction = 1.0 - keep.float().mean().detach()
+        return y.reshape(shape)

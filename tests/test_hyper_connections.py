@@ -1,0 +1,110 @@
+"""Hyper-connection LLMs against the Pre-Norm residual baseline they generalise."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import models
+from models.layers.hyper_connections import HyperConnection
+from models.llama import HCLLMConfig, LlamaConfig
+
+SHAPE = dict(vocab_size=97, d_model=32, n_layers=3, n_heads=4, max_seq_len=32)
+
+
+def pair(rate: int, dynamic: bool, **kw):
+    torch.manual_seed(0)
+    base = models.build(LlamaConfig(**SHAPE, **kw))
+    hc = models.build(HCLLMConfig(**SHAPE, rate=rate, dynamic=dynamic, **kw))
+    result = hc.load_state_dict(base.state_dict(), strict=False)
+    assert not result.unexpected_keys and all("hc_" in k for k in result.missing_keys)
+    return base, hc
+
+
+def test_initialisation_follows_the_paper():
+    hc = models.build(HCLLMConfig(**SHAPE, rate=4, dynamic=True))
+    for layer, block in enumerate(hc.blocks):
+        for k, conn in ((2 * layer, block.hc_attn), (2 * layer + 1, block.hc_mlp)):
+            a_m, a_r = conn.static_alpha[:, 0], conn.static_alpha[:, 1:]
+            assert torch.equal(a_m, torch.nn.functional.one_hot(torch.tensor(k % 4), 4).float())
+            assert torch.equal(a_r, torch.eye(4)) and torch.equal(conn.static_beta, torch.ones(4))
+            assert conn.dynamic_alpha_fn.abs().sum() == 0 and conn.dynamic_beta_fn.abs().sum() == 0
+            assert conn.dynamic_alpha_scale.item() == pytest.approx(0.01)
+            assert conn.dynamic_beta_scale.item() == pytest.approx(0.01)
+
+
+def test_static_rate_one_equals_the_baseline_exactly():
+    base, hc = pair(1, dynamic=False)
+    ids = torch.randint(0, 97, (2, 24))
+    assert torch.equal(base(ids).logits, hc(ids).logits)
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+@pytest.mark.parametrize("moe", [None, {"num_experts": 4, "top_k": 2}])
+def test_rate_four_equals_the_baseline_after_the_stream_sum(dynamic, moe):
+    base, hc = pair(4, dynamic, moe=moe)
+    # The n equal streams sum to n·x; the final RMSNorm removes n exactly once its ε is scaled by n².
+    hc.norm.eps = base.norm.eps * 16
+    ids = torch.randint(0, 97, (2, 24))
+    torch.testing.assert_close(hc(ids).logits, base(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_static_rate_one_trains_exactly_like_the_baseline_with_its_matrices_frozen():
+    base, hc = pair(1, dynamic=False)
+    for name, p in hc.named_parameters():  # frozen at the identity, SHC×1 is a residual network
+        p.requires_grad_("hc_" not in name)
+    opts = [torch.optim.AdamW(m.parameters(), lr=1e-2) for m in (base, hc)]
+    for _ in range(3):
+        ids = torch.randint(0, 97, (4, 24))
+        losses = []
+        for model, opt in zip((base, hc), opts, strict=True):
+            loss = model(ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss.item())
+        assert losses[0] == losses[1]
+
+
+def test_first_step_gradients_of_shared_weights_match_the_baseline():
+    base, hc = pair(4, dynamic=True)
+    hc.norm.eps = base.norm.eps * 16
+    ids = torch.randint(0, 97, (2, 24))
+    for m in (base, hc):
+        m(ids, labels=ids).loss.backward()
+    hc_params = dict(hc.named_parameters())
+    for name, p in base.named_parameters():
+        torch.testing.assert_close(hc_params[name].grad, p.grad, rtol=1e-4, atol=1e-6)
+    for name, p in hc.named_parameters():  # the hyper-connections learn from step one
+        if "hc_" in name:
+            assert p.grad is not None, name
+
+
+def test_static_matrices_are_not_decayed_and_dynamic_weights_are():
+    hc = models.build(HCLLMConfig(**SHAPE, rate=4, dynamic=True))
+    decay, no_decay = (set(map(id, g["params"])) for g in hc.param_groups(0.1))
+    for name, p in hc.named_parameters():
+        if name.endswith(("static_alpha", "static_beta")):
+            assert id(p) in no_decay, name
+        if name.endswith(("dynamic_alpha_fn", "dynamic_beta_fn")):
+            assert id(p) in decay, name
+
+
+def test_mixing_runs_in_fp32_under_bf16():
+    conn = HyperConnection(8, rate=4, index=0, dynamic=True).to(torch.bfloat16)
+    streams = torch.randn(2, 3, 4, 8, dtype=torch.bfloat16)
+    h, carried, beta = conn.width(streams)
+    assert h.dtype == torch.bfloat16 and carried.dtype == torch.float32 and beta.dtype == torch.float32
+    assert HyperConnection.depth(h, carried, beta).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_every_parameter_of_the_moe_hc_model_gets_a_gradient(dynamic):
+    torch.manual_seed(0)
+    model = models.build(HCLLMConfig(**SHAPE, rate=4, dynamic=dynamic, moe={"num_experts": 4, "top_k": 2}))
+    ids = torch.randint(0, 97, (4, 24))
+    out = model(ids, labels=ids)
+    assert set(out.aux_losses) == {"load_balance", "router_z"}
+    out.loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
