@@ -15,6 +15,7 @@ import models
 from cluster.config import ClusterConfig
 from data_pipelines.config import DataConfig, SourceConfig
 from launcher.spec import OutputConfig
+from models.layers.moe import MoEConfig
 from trainer.config import TrainerConfig
 
 
@@ -49,6 +50,7 @@ def render() -> str:
     for name in models.names():
         entry = models.entry(name)
         parts.append(section_table(f"model (name: {name})", entry.config_cls, f"{entry.summary}.\n"))
+    parts.append(section_table("model.moe", MoEConfig, "Optional mixture-of-experts MLPs, for `llama` and `hc_llm`.\n"))
     parts.append(section_table("data", DataConfig))
     parts.append(section_table("data.sources[]", SourceConfig))
     parts.append(section_table("trainer", TrainerConfig))

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from cluster.local import ray_cluster, worker_env
 from launcher.errors import ZerorayError
@@ -21,20 +24,33 @@ def _train_worker(config: dict) -> None:
     train(parse_spec(config["spec"], origin="spec sent by the driver"), on_checkpoint=_report_to_ray)
 
 
-def _report_to_ray(ckpt, record: dict) -> None:
-    """Register each published checkpoint with Ray Train (rank 0 names it; every rank reports,
-    since report is a barrier). NO_UPLOAD: it already lies in the run directory, so Ray only
-    records it — `Result.checkpoint` then points at zeroray's checkpoint folder."""
-    import ray.train
-    from ray.train import Checkpoint, CheckpointUploadMode
+POINTER_FILE = "zeroray_checkpoint.json"
 
-    rank = ray.train.get_context().get_world_rank()
+
+def _report_to_ray(ckpt, record: dict) -> None:
+    """Tell Ray Train about each published checkpoint, as a pointer.
+
+    Why a pointer and not the checkpoint folder itself: Ray Train V2 refuses to start a run whose
+    record names a checkpoint folder that no longer exists, and zeroray deletes folders on purpose
+    (`output.keep_last`, skipping a damaged checkpoint). Ray keeps and prunes its own small pointer
+    folders; `Result.checkpoint` points at one. Every rank reports: report is a barrier."""
+    import ray.train
+    from ray.train import Checkpoint
+
     metrics = {k: v for k, v in record.items() if isinstance(v, int | float)}
-    ray.train.report(
-        metrics,
-        checkpoint=Checkpoint(str(ckpt.path)) if rank == 0 else None,
-        checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD,
-    )
+    if ray.train.get_context().get_world_rank() != 0:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        Path(tmp, POINTER_FILE).write_text(json.dumps({"path": str(ckpt.path), "step": ckpt.step}))
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp), checkpoint_dir_name=f"ray_{ckpt.tag}")
+
+
+def _pointed_checkpoint(result) -> str | None:
+    if result.checkpoint is None:
+        return None
+    with result.checkpoint.as_directory() as folder:
+        return json.loads(Path(folder, POINTER_FILE).read_text())["path"]
 
 
 @dataclass(frozen=True)
@@ -42,14 +58,14 @@ class LaunchResult:
     run: RunDir
     status: str
     last: dict | None
-    ray_checkpoint: str | None  # the last checkpoint as Ray Train recorded it
+    ray_checkpoint: str | None  # the last checkpoint as Ray Train recorded it (through its pointer)
     first_step_s: float | None
     wall_s: float
 
 
 def launch(spec: RunSpec, fresh: bool = False, ray_temp_dir: str | None = None, progress_interval_s: float = 10.0,
            announce=print) -> LaunchResult:
-    from ray.train import FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchConfig, TorchTrainer
 
     started = time.time()
@@ -77,6 +93,7 @@ def launch(spec: RunSpec, fresh: bool = False, ray_temp_dir: str | None = None, 
             name=run.root.name,
             storage_path=str(run.root.parent),
             failure_config=FailureConfig(max_failures=spec.trainer.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=spec.output.keep_last),
             worker_runtime_env={"env_vars": worker_env(c)},
         ),
     )
@@ -92,7 +109,7 @@ def launch(spec: RunSpec, fresh: bool = False, ray_temp_dir: str | None = None, 
         run=run,
         status=status,
         last=progress.last,
-        ray_checkpoint=None if ray_result.checkpoint is None else ray_result.checkpoint.path,
+        ray_checkpoint=_pointed_checkpoint(ray_result),
         first_step_s=None if progress.first_record_at is None else progress.first_record_at - started,
         wall_s=time.time() - started,
     )

@@ -106,5 +106,9 @@ def test_every_parameter_of_the_moe_hc_model_gets_a_gradient(dynamic):
     out = model(ids, labels=ids)
     assert set(out.aux_losses) == {"load_balance", "router_z"}
     out.loss.backward()
+    # At step 0 the dynamic scales get no gradient by design (W = 0, tanh(0) = 0); one step later they do.
+    torch.optim.SGD(model.parameters(), lr=0.1).step()
+    model.zero_grad()
+    model(ids, labels=ids).loss.backward()
     for name, p in model.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
