@@ -36,7 +36,7 @@ def run_zeroray(config: str, stage: int, steps: int, warmup: int, runs_dir: str)
     records = [json.loads(x) for x in (Path(runs_dir) / f"zero{stage}" / "metrics.jsonl").read_text().splitlines()]
     steady = [r for r in records if r["step"] > warmup]
     # Each record covers the steps since the previous one: total tokens / total seconds.
-    prev = {r["step"]: p["step"] for p, r in zip(records, records[1:])}
+    prev = {r["step"]: p["step"] for p, r in zip(records, records[1:], strict=False)}
     tokens = sum((r["step"] - prev[r["step"]]) * r["tokens_per_s"] * r["step_time_s"] for r in steady)
     seconds = sum((r["step"] - prev[r["step"]]) * r["step_time_s"] for r in steady)
     return {"tokens_per_s": tokens / seconds, "first_step_s": records[0]["time"] - launched,

@@ -67,9 +67,32 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--val-fraction", type=float, default=0.02, help="share of files held out (default 0.02)")
     prep.add_argument("--extensions", default=".py,.txt,.md,.rst", help="file extensions to read (comma-separated)")
 
-    models_cmd = sub.add_parser("models", help="list the registered model families")
+    models_cmd = sub.add_parser(
+        "models", help="list model configs with parameters and FLOPs per token",
+        description="For each run spec (default: every file in configs/), the model family, total and active "
+        "parameters (top_k experts of each MoE layer) and training FLOPs per token at the spec's sequence length.",
+    )
+    models_cmd.add_argument("configs", nargs="*", help="run spec files (default: configs/*.yaml)")
     models_cmd.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    export = sub.add_parser(
+        "export", help="write a checkpoint as a folder that transformers loads",
+        description="Consolidate a run's checkpoint (any ZeRO stage) into full weights and write a folder that "
+        "transformers opens with AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True) (zeroray must "
+        "be installed), with the run's tokenizer.",
+    )
+    export.add_argument("run_dir", type=Path, help="run directory (e.g. runs/demo)")
+    export.add_argument("--hf", type=Path, required=True, metavar="OUT_DIR", help="folder to write")
+    export.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     return parser
+
+
+def cmd_export(args) -> int:
+    from launcher.export import export_hf
+
+    ckpt, out = export_hf(args.run_dir, args.hf, args.step)
+    print(f"exported {ckpt.path} (step {ckpt.step}) to {out}")
+    print(f"load it with: AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True)")
+    return 0
 
 
 def cmd_train(args) -> int:
@@ -120,14 +143,16 @@ def cmd_data_prepare(args) -> int:
 
 
 def cmd_models(args) -> int:
-    import models
+    from launcher.model_table import model_rows
 
-    rows = [{"name": n, "summary": models.entry(n).summary} for n in models.names()]
+    rows = model_rows(args.configs)
     if args.json:
         print(json.dumps(rows, indent=2))
-    else:
-        for r in rows:
-            print(f"{r['name']:<12} {r['summary']}")
+        return 0
+    print(f"{'config':<24} {'model':<8} {'params':>9} {'active':>9} {'train FLOPs/token':>18}  description")
+    for r in rows:
+        print(f"{r['config']:<24} {r['model']:<8} {r['params'] / 1e6:>8.2f}M {r['active_params'] / 1e6:>8.2f}M "
+              f"{r['flops_per_token']:>18.3e}  {r['summary']}")
     return 0
 
 
@@ -136,6 +161,7 @@ COMMANDS = {
     ("config", "show"): cmd_config_show,
     ("data", "prepare"): cmd_data_prepare,
     ("models", None): cmd_models,
+    ("export", None): cmd_export,
 }
 
 
@@ -153,7 +179,7 @@ def _deepspeed_logs_to_stderr() -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     action = getattr(args, f"{args.command}_command", None)
-    if args.command in ("train", "config"):
+    if args.command in ("train", "config", "export"):
         _deepspeed_logs_to_stderr()
     try:
         return COMMANDS[(args.command, action)](args)

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.export_check import check_export
+
 pytestmark = pytest.mark.slow
 
 LINE = re.compile(r"^step=(\d+)/(\d+) loss=([\d.]+) lr=(\S+) tokens_per_s=(\d+) eta_s=(\d+)$")
@@ -38,6 +40,12 @@ def test_zeroray_train_cli_zero0_prints_parseable_progress_and_a_summary(tiny_co
     assert f"run directory: {run}" in proc.stdout
     assert "first optimizer step" in proc.stdout
     assert (run / "checkpoints" / "step_00000004" / "manifest.json").is_file()
+    # ZeRO-0 checkpoints export too, through the console script.
+    exported = subprocess.run([zeroray, "export", str(run), "--hf", str(tmp_path / "hf")],
+                              capture_output=True, text=True, env=_env(tmp_path), timeout=120)
+    assert exported.returncode == 0, exported.stderr[-2000:]
+    last_loss = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["loss"]
+    check_export(run, tmp_path / "hf", last_loss, exported=True)
 
 
 def test_torchrun_runs_the_same_trainer_with_zero1(tiny_config, tmp_path):

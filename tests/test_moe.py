@@ -51,7 +51,7 @@ def test_capacity_drops_second_choices_first():
     # A token whose choices were all dropped passes nothing through the layer.
     kept_tokens = set()
     for i in range(4):
-        for rank, col in enumerate((0, 1)):
+        for col in (0, 1):
             picked = (choices[:, col] == i).nonzero().flatten().tolist()
             room = capacity if col == 0 else capacity - first[i].item()
             kept_tokens.update(picked[: max(room, 0)])

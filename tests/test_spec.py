@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -158,3 +159,21 @@ def test_configuration_reference_is_current():
 
     committed = (REPO / "docs" / "configuration.md").read_text()
     assert committed == render(), "regenerate: python -m launcher.config_reference > docs/configuration.md"
+
+
+def test_models_command_lists_sizes_and_flops(capsys):
+    import torch
+
+    import models
+    from launcher.model_table import CONFIGS
+
+    assert main(["models", "--json"]) == 0
+    rows = {r["config"]: r for r in json.loads(capsys.readouterr().out)}
+    assert set(rows) == {p.name for p in CONFIGS.glob("*.yaml")}
+    moe = rows["hc_llm_moe_tiny.yaml"]
+    assert moe["active_params"] < moe["params"]
+    spec = load_spec(CONFIGS / "demo.yaml", ["data.tokenizer=bytes", f"model.vocab_size={rows['demo.yaml']['vocab_size']}"])
+    with torch.device("meta"):
+        demo = models.build(spec.model)
+    assert rows["demo.yaml"]["params"] == demo.num_parameters() == rows["demo.yaml"]["active_params"]
+    assert rows["demo.yaml"]["flops_per_token"] == demo.flops_per_token(spec.data.seq_len)

@@ -10,6 +10,7 @@ import pytest
 from launcher.errors import ZerorayError
 from launcher.ray_launch import launch
 from launcher.spec import load_spec
+from tests.export_check import check_export
 from trainer.checkpoint import CheckpointStore
 
 pytestmark = pytest.mark.slow
@@ -20,7 +21,7 @@ def records(run_dir) -> list[dict]:
 
 
 @pytest.mark.parametrize("stage", [2, 3])
-def test_train_then_resume_after_a_crash_gives_the_same_losses(ray_local, tiny_config, stage):
+def test_train_then_resume_after_a_crash_gives_the_same_losses(ray_local, tiny_config, tmp_path, stage):
     spec = load_spec(tiny_config, [f"trainer.zero_stage={stage}", f"output.name=zero{stage}"])
     result = launch(spec, announce=lambda s: None)
     run = result.run.root
@@ -46,6 +47,7 @@ def test_train_then_resume_after_a_crash_gives_the_same_losses(ray_local, tiny_c
         assert after["loss"] == pytest.approx(before["loss"], rel=1e-5, abs=1e-5)
         assert after["lr"] == pytest.approx(before["lr"])
     assert again.last["step"] == 12
+    check_export(run, tmp_path / "hf", last_loss=resumed[-1]["loss"])
 
 
 def test_relaunch_of_a_finished_run_and_of_another_model(ray_local, tiny_config):

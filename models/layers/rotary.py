@@ -15,13 +15,17 @@ class Rotary:
     def __init__(self, head_dim: int, theta: float):
         if head_dim % 2:
             raise ValueError(f"rotary needs an even head dimension, got {head_dim}")
-        self.inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+        self.head_dim, self.theta = head_dim, theta
         self._cache: dict[tuple[torch.device, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def tables(self, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         key = (device, length)
         if key not in self._cache:
-            angles = torch.outer(torch.arange(length, dtype=torch.float64), self.inv_freq)
+            # Built on the CPU explicitly: the model may have been created under a meta-device context
+            # (transformers' from_pretrained), and these tables are not weights that get loaded.
+            dims = torch.arange(0, self.head_dim, 2, dtype=torch.float64, device="cpu")
+            inv_freq = 1.0 / (self.theta ** (dims / self.head_dim))
+            angles = torch.outer(torch.arange(length, dtype=torch.float64, device="cpu"), inv_freq)
             self._cache[key] = (angles.cos().float().to(device), angles.sin().float().to(device))
         return self._cache[key]
 

@@ -1,0 +1,102 @@
+"""Per-model training throughput in one process, and the architecture overheads, in one sitting.
+
+Each arm is a model from a shipped config (or a variant of one), trained with bf16 weights and
+torch AdamW on random tokens of the config's shape, on `--threads` CPU threads. The arms are
+interleaved round by round so drift hits them alike. Reports tokens/s, achieved FLOP/s from
+`flops_per_token`, and step-time ratios: DHC×4 ÷ residual, MoE top-2-of-8 ÷ dense with the same
+active parameters.
+
+    .venv/bin/python bench/models.py [--rounds 3] [--steps 5] [--threads 1]
+
+Writes bench/results/<date>-models.json and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import time
+from pathlib import Path
+
+import torch
+
+import models
+from launcher.spec import load_spec
+
+REPO = Path(__file__).resolve().parent.parent
+MOE_8_TOP2 = "model.moe={num_experts: 8, top_k: 2, capacity_factor: 0.0}"
+ARMS = {
+    "llama (residual, dense)": ("demo.yaml", []),
+    "hc_llm DHC×4 (dense)": ("hc_llm_tiny.yaml", []),
+    "hc_llm SHC×4 (dense)": ("hc_llm_tiny.yaml", ["model.dynamic=false"]),
+    "llama MoE top-2/8": ("demo.yaml", [MOE_8_TOP2]),
+    "hc_llm DHC×4 MoE top-2/8": ("hc_llm_moe_tiny.yaml", []),
+}
+
+
+def build(config: str, overrides: list[str]):
+    spec = load_spec(REPO / "configs" / config, ["data.tokenizer=bytes", "model.vocab_size=8192", *overrides])
+    torch.manual_seed(0)
+    model = models.build(spec.model).to(torch.bfloat16)
+    opt = torch.optim.AdamW(model.param_groups(0.1), lr=1e-4, foreach=True)
+    t = spec.trainer
+    batch = torch.randint(0, spec.model.vocab_size, (t.micro_batch_size, spec.data.seq_len + 1))
+    return model, opt, batch, spec
+
+
+def step(model, opt, batch) -> None:
+    loss = model(batch[:, :-1], labels=batch[:, 1:]).loss
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    arms = {name: build(*cfg) for name, cfg in ARMS.items()}
+    for model, opt, batch, _ in arms.values():
+        step(model, opt, batch)  # warm-up
+    seconds = {name: 0.0 for name in arms}
+    for _ in range(args.rounds):
+        for name, (model, opt, batch, _) in arms.items():
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                step(model, opt, batch)
+            seconds[name] += time.perf_counter() - t0
+    rows = []
+    for name, (model, _, batch, spec) in arms.items():
+        step_s = seconds[name] / (args.rounds * args.steps)
+        tokens = batch.shape[0] * (batch.shape[1] - 1)
+        rows.append({
+            "arm": name, "params": model.num_parameters(), "active_params": model.num_active_parameters(),
+            "flops_per_token": model.flops_per_token(spec.data.seq_len), "step_s": step_s,
+            "tokens_per_s": tokens / step_s, "flop_per_s": tokens / step_s * model.flops_per_token(spec.data.seq_len),
+        })
+    by = {r["arm"]: r for r in rows}
+    ratios = {
+        "dhc4_over_residual": by["hc_llm DHC×4 (dense)"]["step_s"] / by["llama (residual, dense)"]["step_s"],
+        "shc4_over_residual": by["hc_llm SHC×4 (dense)"]["step_s"] / by["llama (residual, dense)"]["step_s"],
+        "moe_top2of8_over_dense": by["llama MoE top-2/8"]["step_s"] / by["llama (residual, dense)"]["step_s"],
+    }
+    result = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "threads": args.threads,
+              "rounds": args.rounds, "steps": args.steps, "rows": rows, "ratios": ratios}
+    out = REPO / "bench" / "results" / f"{datetime.date.today()}-models.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print("| arm | params | active | FLOPs/token | step (s) | tokens/s | GFLOP/s |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['arm']} | {r['params'] / 1e6:.2f}M | {r['active_params'] / 1e6:.2f}M | {r['flops_per_token']:.3g} "
+              f"| {r['step_s']:.3f} | {r['tokens_per_s']:.0f} | {r['flop_per_s'] / 1e9:.1f} |")
+    print("\n" + "\n".join(f"{k}: {v:.3f}" for k, v in ratios.items()))
+    print(f"\nwritten to {out}")
+
+
+if __name__ == "__main__":
+    main()

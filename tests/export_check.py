@@ -1,0 +1,38 @@
+"""Shared by the training tests: export a finished run and check `transformers` reproduces it."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+
+def check_export(run_dir: Path, out_dir: Path, last_loss: float, exported: bool = False) -> None:
+    """`exported`: the folder was already written (e.g. by the `zeroray export` command)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    import models
+    from data_pipelines import BatchStream
+    from launcher.export import consolidated_state_dict, export_hf, find_checkpoint
+
+    ckpt, spec = find_checkpoint(run_dir, None)
+    if not exported:
+        export_hf(run_dir, out_dir)
+    config = AutoConfig.from_pretrained(out_dir, trust_remote_code=True)
+    hf = AutoModelForCausalLM.from_pretrained(out_dir, trust_remote_code=True).eval()
+    assert type(hf).__name__ == "ZerorayForCausalLM" and config.zeroray_model["name"] == spec.model.name
+
+    # The same module, built by zeroray from DeepSpeed's consolidated weights, gives the same logits.
+    reference = models.build(spec.model).eval()
+    reference.load_state_dict(consolidated_state_dict(ckpt), strict=False)
+    batch = next(BatchStream(spec.data, micro_batch=2, rank=0, world=1))
+    with torch.no_grad():
+        hf_out = hf(batch["input_ids"], labels=batch["input_ids"])
+        torch.testing.assert_close(hf_out.logits, reference(batch["input_ids"]).logits)
+    # ... and it is the trained model: its loss is near the last training loss, far below chance.
+    assert abs(hf_out.loss.item() - last_loss) < 0.75, (hf_out.loss.item(), last_loss)
+    assert hf_out.loss.item() < math.log(spec.model.vocab_size)
+    if spec.data.tokenizer != "bytes":
+        tok = AutoTokenizer.from_pretrained(out_dir)
+        assert tok.decode(tok("def main():")["input_ids"]) == "def main():"
