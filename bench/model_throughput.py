@@ -6,7 +6,7 @@ interleaved round by round so drift hits them alike. Reports tokens/s, achieved 
 `flops_per_token`, and step-time ratios: DHC×4 ÷ residual, MoE top-2-of-8 ÷ dense with the same
 active parameters.
 
-    .venv/bin/python bench/models.py [--rounds 3] [--steps 5] [--threads 1]
+    .venv/bin/python bench/model_throughput.py [--rounds 3] [--steps 5] [--threads 1]
 
 Writes bench/results/<date>-models.json and prints a markdown table.
 """
