@@ -104,19 +104,14 @@ def parse_spec(raw: Any, origin: str = "config") -> RunSpec:
 def _fields_at(cls: type[BaseModel], loc: tuple) -> list[str]:
     """Field names of the section that `loc` points into (for 'did you mean' on unknown keys)."""
     for part in loc:
-        field = cls.model_fields.get(str(part)) if isinstance(part, str) else None
-        annotation = getattr(field, "annotation", None)
-        if annotation is None:
-            # tuples/lists of sections: look through the element type
-            args = getattr(cls, "__args__", ())
-            annotation = next((a for a in args if isinstance(a, type) and issubclass(a, BaseModel)), None)
-            if annotation is None:
-                return []
-        args = getattr(annotation, "__args__", ())
-        inner = next((a for a in args if isinstance(a, type) and issubclass(a, BaseModel)), annotation)
-        if not (isinstance(inner, type) and issubclass(inner, BaseModel)):
+        if isinstance(part, int):
+            continue  # an item of a list of sections: its fields are the element type's
+        field = cls.model_fields.get(str(part))
+        candidates = (field.annotation, *getattr(field.annotation, "__args__", ())) if field else ()
+        sections = [c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)]
+        if not sections:
             return []
-        cls = inner
+        cls = sections[0]
     return list(cls.model_fields)
 
 

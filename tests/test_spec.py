@@ -177,3 +177,9 @@ def test_models_command_lists_sizes_and_flops(capsys):
         demo = models.build(spec.model)
     assert rows["demo.yaml"]["params"] == demo.num_parameters() == rows["demo.yaml"]["active_params"]
     assert rows["demo.yaml"]["flops_per_token"] == demo.flops_per_token(spec.data.seq_len)
+
+
+def test_unknown_key_inside_a_list_item_is_named_with_a_suggestion(tiny_config):
+    with pytest.raises(SpecError) as err:
+        load_spec(tiny_config, ["data.sources.0.wieght=2"])
+    assert "data.sources.0.wieght: unknown key; did you mean 'weight'?" in str(err.value)
