@@ -2,10 +2,11 @@
 
 For each ZeRO stage, runs `zeroray train` (embedded Ray cluster, streaming data, metrics,
 checkpoint at the end) and `bench/handwritten_ds.py` under torchrun with the same model, batch,
-worker count and precision, alternating the two. Reports steady-state tokens/s (steps after the
-warm-up), their ratio, and the seconds from the `zeroray train` command to its first optimizer step.
+worker count and precision, as `--repeats` pairs in alternating order (this 2-core machine drifts by
+±10% between runs). Reports steady-state tokens/s (steps after the warm-up), the median of the pairs'
+ratios with their range, and the seconds from the `zeroray train` command to its first optimizer step.
 
-    .venv/bin/python bench/overhead.py [--config configs/demo.yaml] [--steps 60] [--stages 0 2 3]
+    .venv/bin/python bench/overhead.py [--config configs/demo.yaml] [--steps 60] [--stages 0 2 3] [--repeats 2]
 
 Writes bench/results/<date>-overhead.json and prints a markdown table.
 """
@@ -17,6 +18,7 @@ import datetime
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -62,28 +64,37 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--stages", type=int, nargs="+", default=[0, 2, 3])
+    parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory(prefix="zr-bench-") as runs_dir:
         for stage in args.stages:
-            ours = run_zeroray(args.config, stage, args.steps, args.warmup, runs_dir)
-            base = run_handwritten(args.config, stage, args.steps, args.warmup)
-            rows.append({"stage": stage, "zeroray_tokens_per_s": ours["tokens_per_s"],
-                         "handwritten_tokens_per_s": base["tokens_per_s"],
-                         "ratio": ours["tokens_per_s"] / base["tokens_per_s"],
-                         "first_step_s": ours["first_step_s"], "precision": ours["precision"]})
-            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+            pairs = []
+            for i in range(args.repeats):
+                first, second = (run_zeroray, run_handwritten) if i % 2 == 0 else (run_handwritten, run_zeroray)
+                a = first(args.config, stage, args.steps, args.warmup, *([runs_dir] if first is run_zeroray else []))
+                b = second(args.config, stage, args.steps, args.warmup, *([runs_dir] if second is run_zeroray else []))
+                ours, base = (a, b) if first is run_zeroray else (b, a)
+                pairs.append({"zeroray": ours, "handwritten": base, "ratio": ours["tokens_per_s"] / base["tokens_per_s"]})
+                print(json.dumps({"stage": stage, **pairs[-1]}), file=sys.stderr, flush=True)
+            ratios = sorted(p["ratio"] for p in pairs)
+            rows.append({"stage": stage, "ratio_median": statistics.median(ratios), "ratio_min": ratios[0],
+                         "ratio_max": ratios[-1],
+                         "zeroray_tokens_per_s": statistics.median(p["zeroray"]["tokens_per_s"] for p in pairs),
+                         "handwritten_tokens_per_s": statistics.median(p["handwritten"]["tokens_per_s"] for p in pairs),
+                         "first_step_s": statistics.median(p["zeroray"]["first_step_s"] for p in pairs),
+                         "precision": pairs[0]["zeroray"]["precision"], "pairs": pairs})
     result = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": platform.processor() or
               platform.machine(), "cpus": os.cpu_count(), "config": args.config, "steps": args.steps,
-              "warmup": args.warmup, "rows": rows}
+              "warmup": args.warmup, "repeats": args.repeats, "rows": rows}
     out = REPO / "bench" / "results" / f"{datetime.date.today()}-overhead.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
-    print("| ZeRO stage | zeroray tokens/s | hand-written tokens/s | ratio | command → first step (s) |")
+    print("| ZeRO stage | zeroray tokens/s | hand-written tokens/s | ratio (median, range) | command → first step (s) |")
     print("|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['stage']} | {r['zeroray_tokens_per_s']:.0f} | {r['handwritten_tokens_per_s']:.0f} | "
-              f"{r['ratio']:.3f} | {r['first_step_s']:.1f} |")
+              f"{r['ratio_median']:.3f} ({r['ratio_min']:.3f}–{r['ratio_max']:.3f}) | {r['first_step_s']:.1f} |")
     print(f"\nwritten to {out}")
 
 

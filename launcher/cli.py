@@ -104,7 +104,7 @@ def cmd_train(args) -> int:
     result = launch(spec, fresh=args.fresh, progress_interval_s=args.progress_interval,
                     announce=lambda s: print(f"zeroray: {s}", file=sys.stderr, flush=True))
     last = result.last or {}
-    print("zeroray: training finished")
+    print("zeroray: training finished" if last else "zeroray: nothing to train")
     print(f"  run directory: {result.run.root}")
     print(f"  checkpoints:   {result.run.checkpoints}")
     print(f"  metrics:       {result.run.metrics}")

@@ -39,7 +39,7 @@ def deepspeed_config(spec: RunSpec, precision: str) -> dict[str, Any]:
                 "betas": list(t.betas),
                 "eps": t.eps,
                 "weight_decay": t.weight_decay,
-                # torch's AdamW (fused kernels on GPU and CPU) instead of DeepSpeed's FusedAdam,
+                # torch AdamW (foreach) instead of DeepSpeed's FusedAdam,
                 # which needs a CUDA build of its op; DeepSpeed knows torch AdamW under ZeRO.
                 "torch_adam": True,
                 "adam_w_mode": True,
