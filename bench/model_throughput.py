@@ -14,12 +14,11 @@ Writes bench/results/<date>-models.json and prints a markdown table.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import time
 from pathlib import Path
 
 import torch
+from results_file import save
 
 import models
 from launcher.spec import load_spec
@@ -84,11 +83,8 @@ def main() -> None:
         "shc4_over_residual": by["hc_llm SHC×4 (dense)"]["step_s"] / by["llama (residual, dense)"]["step_s"],
         "moe_top2of8_over_dense": by["llama MoE top-2/8"]["step_s"] / by["llama (residual, dense)"]["step_s"],
     }
-    result = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "threads": args.threads,
-              "rounds": args.rounds, "steps": args.steps, "rows": rows, "ratios": ratios}
-    out = REPO / "bench" / "results" / f"{datetime.date.today()}-models.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    out = save("models", {"threads": args.threads, "rounds": args.rounds, "steps": args.steps, "rows": rows,
+                          "ratios": ratios})
     print("| arm | params | active | FLOPs/token | step (s) | tokens/s | GFLOP/s |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:

@@ -14,16 +14,16 @@ Writes bench/results/<date>-overhead.json and prints a markdown table.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from results_file import save
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -84,12 +84,8 @@ def main() -> None:
                          "handwritten_tokens_per_s": statistics.median(p["handwritten"]["tokens_per_s"] for p in pairs),
                          "first_step_s": statistics.median(p["zeroray"]["first_step_s"] for p in pairs),
                          "precision": pairs[0]["zeroray"]["precision"], "pairs": pairs})
-    result = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": platform.processor() or
-              platform.machine(), "cpus": os.cpu_count(), "config": args.config, "steps": args.steps,
-              "warmup": args.warmup, "repeats": args.repeats, "rows": rows}
-    out = REPO / "bench" / "results" / f"{datetime.date.today()}-overhead.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    out = save("overhead", {"config": args.config, "steps": args.steps, "warmup": args.warmup,
+                            "repeats": args.repeats, "rows": rows})
     print("| ZeRO stage | zeroray tokens/s | hand-written tokens/s | ratio (median, range) | command → first step (s) |")
     print("|---|---|---|---|---|")
     for r in rows:

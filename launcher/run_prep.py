@@ -38,14 +38,14 @@ def prepare_run_dir(spec: RunSpec, fresh: bool) -> tuple[RunDir, str]:
     refused (it would mix two runs' checkpoints) unless there is nothing to lose yet.
     """
     run = RunDir(Path(spec.output.run_dir))
-    has_checkpoint = CheckpointStore(run.checkpoints, 0, 1).latest() is not None
+    latest = CheckpointStore(run.checkpoints, 0, 1).latest()
     if run.root.exists() and fresh:
         moved = run.root.with_name(f"{run.root.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
         shutil.move(str(run.root), moved)
         status = f"--fresh: moved the previous run to {moved}"
-    elif has_checkpoint:
+    elif latest is not None:
         _refuse_other_run(run, spec)
-        status = f"resuming {run.root} from {CheckpointStore(run.checkpoints, 0, 1).latest().path.name}"
+        status = f"resuming {run.root} from {latest.path.name}"
     else:
         status = f"new run in {run.root}"
     run.root.mkdir(parents=True, exist_ok=True)
