@@ -7,8 +7,6 @@ as a prediction target.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 
 class Packer:
     """Stateful: holds the tokens not yet emitted, so a checkpoint can carry them."""
@@ -22,12 +20,13 @@ class Packer:
         self.buffer.extend(ids)
         self.buffer.append(self.eos_id)
 
-    def windows(self) -> Iterator[list[int]]:
-        window = self.seq_len + 1
-        while len(self.buffer) >= window:
-            chunk = self.buffer[:window]
-            del self.buffer[: self.seq_len]
-            yield chunk
+    def pop(self) -> list[int] | None:
+        """The next window of seq_len + 1 tokens, or None until enough tokens were added."""
+        if len(self.buffer) < self.seq_len + 1:
+            return None
+        window = self.buffer[: self.seq_len + 1]
+        del self.buffer[: self.seq_len]
+        return window
 
     def state_dict(self) -> dict:
         return {"buffer": list(self.buffer)}

@@ -66,13 +66,13 @@ class BatchStream:
         self.tokens = token_dataset(cfg, rank, world)
         self.packer = Packer(cfg.seq_len, load_tokenizer(cfg.tokenizer).eos_id)
         self.epoch = 0
-        self._docs = None  # live iterator over self.tokens
+        self._docs = None  # live iterator over self.tokens; None = the epoch starts afresh
+        self._docs_in_epoch = 0
 
     def _next_window(self) -> list[int]:
-        while True:
-            for window in self.packer.windows():
-                return window
+        while (window := self.packer.pop()) is None:
             self._read_document()
+        return window
 
     def _read_document(self) -> None:
         if self._docs is None:
@@ -104,15 +104,18 @@ class BatchStream:
     def state_dict(self) -> dict:
         return {
             "epoch": self.epoch,
-            "docs_in_epoch": getattr(self, "_docs_in_epoch", 0),
-            "stream": self.tokens.state_dict(),
+            "docs_in_epoch": self._docs_in_epoch,
+            # Between epochs there is no position to save: the next epoch starts from its beginning.
+            "stream": None if self._docs is None else self.tokens.state_dict(),
             "packer": self.packer.state_dict(),
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch = state["epoch"]
-        self.tokens.set_epoch(self.epoch)
-        self.tokens.load_state_dict(state["stream"])
         self.packer.load_state_dict(state["packer"])
-        self._docs = iter(self.tokens)
         self._docs_in_epoch = state["docs_in_epoch"]
+        self._docs = None
+        if state["stream"] is not None:
+            self.tokens.set_epoch(self.epoch)
+            self.tokens.load_state_dict(state["stream"])
+            self._docs = iter(self.tokens)

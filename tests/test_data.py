@@ -29,7 +29,8 @@ def test_packer_keeps_every_token_and_separates_documents():
     windows = []
     for d in docs:
         packer.add(d)
-        windows.extend(packer.windows())
+        while (w := packer.pop()) is not None:
+            windows.append(w)
     stream = [1, 2, 3, 99, 4, 5, 6, 7, 8, 9, 10, 99, 11, 99]
     assert all(len(w) == 6 for w in windows)
     # consecutive windows overlap by one token: inputs w[:-1] + the last label cover the stream
@@ -92,6 +93,16 @@ def test_resume_gives_the_same_batches_twice_and_across_epochs(small_corpus, tmp
             assert c.epoch >= 2 and b.epoch >= 1, "resumes must also happen after an epoch boundary"
         resumed = first + second + third
         assert all(torch.equal(x, y) for x, y in zip(uninterrupted, resumed, strict=True))
+
+
+def test_state_saved_before_the_first_batch_or_between_epochs_restarts_the_epoch(tmp_path):
+    cfg = byte_config(two_file_corpus(tmp_path))
+    fresh = BatchStream(cfg, 4)
+    state = fresh.state_dict()
+    assert state["stream"] is None and state["epoch"] == 0
+    resumed = BatchStream(cfg, 4)
+    resumed.load_state_dict(state)
+    assert all(torch.equal(x, y) for x, y in zip(take(BatchStream(cfg, 4), 40), take(resumed, 40), strict=True))
 
 
 def test_ranks_read_disjoint_shards(small_corpus):

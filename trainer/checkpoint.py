@@ -11,6 +11,7 @@ checkpoint whole and `latest` pointing at it.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import shutil
@@ -21,6 +22,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
+
+log = logging.getLogger("zeroray.checkpoint")
 
 STAGING_PREFIX = ".staging-"
 LATEST = "latest"
@@ -105,7 +108,11 @@ class CheckpointStore:
                 if ckpt.tag == tag:
                     return ckpt
         # The pointer is missing or names a damaged checkpoint: fall back to the newest whole one.
-        return published[-1] if published else None
+        fallback = published[-1] if published else None
+        if pointer.is_file():
+            log.warning("checkpoint %s named by %s is incomplete or damaged; using %s instead",
+                        tag, pointer, fallback.path if fallback else "none (starting from step 0)")
+        return fallback
 
     def _verified_manifest(self, folder: Path) -> dict | None:
         try:
