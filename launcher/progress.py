@@ -31,6 +31,7 @@ class Progress:
         self.stream = stream or sys.stderr
         self.last: dict | None = None
         self.first_record_at: float | None = None
+        self._printed_at = float("-inf")
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._bar = None
@@ -53,12 +54,12 @@ class Progress:
     def _records(self) -> list[dict]:
         if not self.metrics.exists():
             return []
-        with open(self.metrics) as f:
+        with open(self.metrics, "rb") as f:
             f.seek(self.offset)
-            text = f.read()
-        complete = text[: text.rfind("\n") + 1]  # a line still being written waits for the next poll
-        self.offset += len(complete.encode())
-        return [json.loads(line) for line in complete.splitlines() if line.strip()]
+            data = f.read()
+        complete = data[: data.rfind(b"\n") + 1]  # a line still being written waits for the next poll
+        self.offset += len(complete)
+        return [json.loads(line) for line in complete.decode().splitlines() if line.strip()]
 
     def _poll(self) -> None:
         for rec in self._records():
@@ -74,8 +75,8 @@ class Progress:
             self._bar.refresh()
             return
         now = time.monotonic()
-        if rec["step"] >= rec["max_steps"] or now - getattr(self, "_printed", -1e9) >= self.interval_s:
-            self._printed = now
+        if rec["step"] >= rec["max_steps"] or now - self._printed_at >= self.interval_s:
+            self._printed_at = now
             print(format_line(rec), file=self.stream, flush=True)
 
     def _run(self) -> None:
