@@ -41,26 +41,22 @@ def find_checkpoint(run_dir: Path, step: int | None) -> tuple[Checkpoint, RunSpe
     return ckpt, spec
 
 
-def consolidated_state_dict(ckpt: Checkpoint) -> dict[str, torch.Tensor]:
+def consolidated_state_dict(ckpt: Checkpoint, spec: RunSpec) -> dict[str, torch.Tensor]:
+    """Full fp32 weights of the checkpoint, whatever ZeRO stage wrote it."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    if any(ckpt.path.glob("*zero_pp_rank_*optim_states.pt")) and _zero_stage(ckpt) > 0:
+    if spec.trainer.zero_stage > 0:
         return get_fp32_state_dict_from_zero_checkpoint(str(ckpt.path.parent), tag=ckpt.tag)
     # ZeRO stage 0: the full module is in the model-states file.
     states = torch.load(ckpt.path / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
     return {k: v.float() for k, v in states["module"].items()}
 
 
-def _zero_stage(ckpt: Checkpoint) -> int:
-    spec = yaml.safe_load((ckpt.path / "spec.yaml").read_text())
-    return int(spec["trainer"]["zero_stage"])
-
-
 def export_hf(run_dir: Path, out_dir: Path, step: int | None = None) -> tuple[Checkpoint, Path]:
     from models.hf import ZerorayConfig, ZerorayForCausalLM
 
     ckpt, spec = find_checkpoint(run_dir, step)
-    state = consolidated_state_dict(ckpt)
+    state = consolidated_state_dict(ckpt, spec)
     config = ZerorayConfig(
         zeroray_model=spec.model.model_dump(mode="json"),
         auto_map={

@@ -25,7 +25,7 @@ def check_export(run_dir: Path, out_dir: Path, last_loss: float, exported: bool 
 
     # The same module, built by zeroray from DeepSpeed's consolidated weights, gives the same logits.
     reference = models.build(spec.model).eval()
-    reference.load_state_dict(consolidated_state_dict(ckpt), strict=False)
+    reference.load_state_dict(consolidated_state_dict(ckpt, spec), strict=False)
     batch = next(BatchStream(spec.data, micro_batch=2, rank=0, world=1))
     with torch.no_grad():
         hf_out = hf(batch["input_ids"], labels=batch["input_ids"])
