@@ -7,6 +7,7 @@ A tqdm bar on a terminal; otherwise one plain, parseable line at most every `int
 from __future__ import annotations
 
 import json
+import os
 import sys
 import threading
 import time
@@ -22,6 +23,15 @@ def format_line(rec: dict) -> str:
     )
 
 
+def _terminal_columns(stream) -> int:
+    """Width of the terminal behind `stream`; 0 when it is not one (or a pty with no size, where a
+    bar would render as nothing)."""
+    try:
+        return os.get_terminal_size(stream.fileno()).columns if stream.isatty() else 0
+    except (OSError, ValueError, AttributeError):
+        return 0
+
+
 class Progress:
     def __init__(self, metrics: Path, start_step: int, max_steps: int, interval_s: float = 10.0, stream=None):
         self.metrics = metrics
@@ -35,7 +45,7 @@ class Progress:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._bar = None
-        if self.stream.isatty():
+        if _terminal_columns(self.stream) > 0:
             from tqdm import tqdm
 
             self._bar = tqdm(total=max_steps, initial=start_step, unit="step", file=self.stream, dynamic_ncols=True)
