@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 import models
-from launcher.spec import load_spec
+from launcher.spec import load_spec, read_yaml
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -35,7 +35,5 @@ def model_rows(configs: list[str]) -> list[dict]:
 
 
 def _tokenizer_exists(path: Path) -> bool:
-    from launcher.spec import read_yaml
-
     tokenizer = (read_yaml(path).get("data") or {}).get("tokenizer", "bytes")
     return tokenizer == "bytes" or Path(tokenizer).is_file()

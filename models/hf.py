@@ -34,7 +34,7 @@ class ZerorayForCausalLM(PreTrainedModel):
     def __init__(self, config: ZerorayConfig):
         super().__init__(config)
         entry = models.entry(config.zeroray_model["name"])
-        self.model = entry.model_cls(entry.config_cls.model_validate(config.zeroray_model))
+        self.model = models.build(entry.config_cls.model_validate(config.zeroray_model))
         self.post_init()
 
     def _init_weights(self, module) -> None:

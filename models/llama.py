@@ -93,9 +93,8 @@ class Block(nn.Module):
             self.mlp = MoELayer(cfg.d_model, cfg.expert_hidden, cfg.moe)
         self.hyper = cfg.hc_rate > 0
         if self.hyper:  # the k-th hyper-connection: k = 2·layer (attention), 2·layer + 1 (MLP)
-            dynamic = getattr(cfg, "dynamic", False)
-            self.hc_attn = HyperConnection(cfg.d_model, cfg.hc_rate, 2 * index, dynamic)
-            self.hc_mlp = HyperConnection(cfg.d_model, cfg.hc_rate, 2 * index + 1, dynamic)
+            self.hc_attn = HyperConnection(cfg.d_model, cfg.hc_rate, 2 * index, cfg.dynamic)
+            self.hc_mlp = HyperConnection(cfg.d_model, cfg.hc_rate, 2 * index + 1, cfg.dynamic)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.hyper:
@@ -156,12 +155,13 @@ class LlamaModel(nn.Module):
         return ModelOutput(loss=loss, logits=logits, aux_losses=aux or None)
 
     def step_statistics(self) -> dict[str, torch.Tensor]:
-        """Statistics of the last forward pass, summed over ranks by the trainer on logged steps."""
+        """Statistics of the last forward pass, by metric name. The trainer sums them over ranks,
+        and averages those whose name ends in `fraction`."""
         if not self.moe_layers:
             return {}
         return {
-            "moe_tokens_per_expert": torch.stack([m.tokens_per_expert for m in self.moe_layers]).sum(0).float(),
-            "moe_dropped_fraction": torch.stack([m.dropped_fraction for m in self.moe_layers]).mean(),
+            "moe/tokens_per_expert": torch.stack([m.tokens_per_expert for m in self.moe_layers]).sum(0).float(),
+            "moe/dropped_fraction": torch.stack([m.dropped_fraction for m in self.moe_layers]).mean(),
         }
 
     # ---- accounting -------------------------------------------------------------------------

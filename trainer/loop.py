@@ -91,16 +91,14 @@ def _all_reduce_sum(values: dict[str, torch.Tensor]) -> dict[str, float]:
 
 
 def _statistics(model, world: int) -> dict:
-    """The model's per-step statistics (e.g. MoE expert load) of the last micro-batch: summed over
-    ranks for counts, averaged for fractions."""
+    """The model's per-step statistics (e.g. MoE expert load) of the last micro-batch, under the
+    model's own names: summed over ranks, and averaged for names ending in `fraction`."""
     stats = getattr(model, "step_statistics", dict)()
     out = {}
     for name, value in stats.items():
         value = value.detach().float().clone()
         dist.all_reduce(value)
-        if "fraction" in name:
-            value = value / world
-        out[name.replace("moe_", "moe/", 1)] = value.tolist()
+        out[name] = (value / world if name.endswith("fraction") else value).tolist()
     return out
 
 
