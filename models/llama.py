@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
-from models.layers.attention import CausalSelfAttention
+from models.layers.attention import Attention
 from models.layers.hyper_connections import HyperConnection
 from models.layers.mlp import SwiGLU, swiglu_hidden_size
 from models.layers.moe import MoEConfig, MoELayer
@@ -85,7 +85,7 @@ class Block(nn.Module):
     def __init__(self, cfg: LlamaConfig, index: int):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.d_model)
-        self.attn = CausalSelfAttention(cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.rope_theta)
+        self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.rope_theta, causal=True)
         self.mlp_norm = RMSNorm(cfg.d_model)
         if cfg.moe is None:
             self.mlp: nn.Module = SwiGLU(cfg.d_model, cfg.mlp_hidden)

@@ -1,4 +1,5 @@
-"""Multi-head (grouped-query) causal self-attention on top of PyTorch SDPA."""
+"""Multi-head (grouped-query) attention on top of PyTorch SDPA: causal or bidirectional
+self-attention with rotary positions, or cross-attention to an encoder's output."""
 
 from __future__ import annotations
 
@@ -9,30 +10,48 @@ from torch import nn
 from models.layers.rotary import Rotary, apply_rotary
 
 
-class CausalSelfAttention(nn.Module):
-    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, rope_theta: float, bias: bool = False):
+class Attention(nn.Module):
+    """`forward(x)`: self-attention (rotary positions when rope_theta is set).
+    `forward(x, memory=enc)`: cross-attention; keys/values from `memory`, no rotary (the two
+    sequences' positions are unrelated). `key_padding_mask` [batch, keys], True = a real key."""
+
+    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int | None = None,
+                 rope_theta: float | None = 10000.0, causal: bool = True, bias: bool = False):
         super().__init__()
+        n_kv_heads = n_kv_heads or n_heads
         if d_model % n_heads:
             raise ValueError(f"d_model {d_model} is not divisible by n_heads {n_heads}")
         if n_heads % n_kv_heads:
             raise ValueError(f"n_heads {n_heads} is not divisible by n_kv_heads {n_kv_heads}")
-        self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
+        self.n_heads, self.n_kv_heads, self.causal = n_heads, n_kv_heads, causal
         self.head_dim = d_model // n_heads
         self.q_proj = nn.Linear(d_model, n_heads * self.head_dim, bias=bias)
         self.k_proj = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(n_heads * self.head_dim, d_model, bias=bias)
-        self.rotary = Rotary(self.head_dim, rope_theta)
+        self.rotary = Rotary(self.head_dim, rope_theta) if rope_theta else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, memory: torch.Tensor | None = None,
+                key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         b, t, _ = x.shape
+        source = x if memory is None else memory
+        s = source.shape[1]
         q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        cos, sin = self.rotary.tables(t, x.device)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        k = self.k_proj(source).view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(source).view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if self.rotary is not None and memory is None:
+            cos, sin = self.rotary.tables(t, x.device)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        causal = self.causal and memory is None
+        mask = None
+        if key_padding_mask is not None:
+            mask = key_padding_mask[:, None, None, :].bool()  # [b, 1, 1, s], broadcast over heads/queries
+            if causal:  # SDPA takes either is_causal or a mask: fold causality into the mask
+                mask = mask & torch.ones(t, s, dtype=torch.bool, device=x.device).tril()
+                causal = False
         # SDPA picks flash / memory-efficient kernels on GPU and a fused CPU kernel here.
         out = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads
+            q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=self.n_kv_heads != self.n_heads
         )
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
