@@ -6,6 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from data_pipelines.objectives import CausalObjective, Objective
+
 
 class SourceConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -35,4 +37,14 @@ class DataConfig(BaseModel):
     tokenize_batch: int = Field(
         16, ge=1, description="Documents tokenized per call; small keeps the first step fast, large amortises."
     )
-    mix_seed: int = Field(0, description="Seed of the source-mixing draw.")
+    objective: Objective = Field(
+        default_factory=CausalObjective,
+        description="What the model learns: `{kind: causal}`, `{kind: mlm, mask_prob}` or "
+        "`{kind: span_corruption, noise_density, mean_span_length}`; the model must support it.",
+    )
+    seed: int = Field(0, description="Seed of the data's random draws: source mixing and the objective's masks.")
+
+    @property
+    def special_tokens(self) -> int:
+        """Ids the objective appends after the tokenizer's vocabulary (pad, mask, sentinels)."""
+        return self.objective.special_tokens(self.seq_len)

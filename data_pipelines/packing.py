@@ -1,8 +1,9 @@
-"""Causal-LM packing: documents joined by an end-of-document token, cut into fixed windows.
+"""Packing: documents joined by an end-of-document token, cut into fixed windows.
 
-Window k holds tokens [k·L, k·L + L] of the document stream (L + 1 tokens), so inputs are the
-first L and labels the last L: consecutive windows share one token and no token is ever dropped
-as a prediction target.
+A window holds `window` tokens and the next one starts `stride` tokens later. The causal objective
+uses window L + 1 and stride L, so consecutive windows share one token (inputs are the first L,
+labels the last L) and no token is ever dropped as a prediction target; the other objectives use
+disjoint windows.
 """
 
 from __future__ import annotations
@@ -11,8 +12,10 @@ from __future__ import annotations
 class Packer:
     """Stateful: holds the tokens not yet emitted, so a checkpoint can carry them."""
 
-    def __init__(self, seq_len: int, eos_id: int):
-        self.seq_len = seq_len
+    def __init__(self, window: int, stride: int, eos_id: int):
+        if not 0 < stride <= window:
+            raise ValueError(f"stride {stride} must be in 1..window ({window})")
+        self.window, self.stride = window, stride
         self.eos_id = eos_id
         self.buffer: list[int] = []
 
@@ -21,11 +24,11 @@ class Packer:
         self.buffer.append(self.eos_id)
 
     def pop(self) -> list[int] | None:
-        """The next window of seq_len + 1 tokens, or None until enough tokens were added."""
-        if len(self.buffer) < self.seq_len + 1:
+        """The next window, or None until enough tokens were added."""
+        if len(self.buffer) < self.window:
             return None
-        window = self.buffer[: self.seq_len + 1]
-        del self.buffer[: self.seq_len]
+        window = self.buffer[: self.window]
+        del self.buffer[: self.stride]
         return window
 
     def state_dict(self) -> dict:

@@ -9,6 +9,7 @@ exactly the next batch.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from datasets import IterableDataset, interleave_datasets
 from datasets.distributed import split_dataset_by_node
@@ -34,7 +35,7 @@ def token_dataset(cfg: DataConfig, rank: int = 0, world: int = 1) -> IterableDat
         docs = interleave_datasets(
             [p.select_columns([cfg.text_field]) for p in parts],
             probabilities=[s.weight / total for s in cfg.sources],
-            seed=cfg.mix_seed,
+            seed=cfg.seed,
             stopping_strategy="all_exhausted",
         )
     text_field = cfg.text_field
@@ -58,13 +59,17 @@ def _columns(ds: IterableDataset) -> list[str] | None:
 
 
 class BatchStream:
-    """Endless iterator of {"input_ids", "labels"} LongTensors of shape [micro_batch, seq_len]."""
+    """Endless iterator of batches shaped by the objective (`data_pipelines.objectives`)."""
 
     def __init__(self, cfg: DataConfig, micro_batch: int, rank: int = 0, world: int = 1):
         self.cfg = cfg
         self.micro_batch = micro_batch
+        self.rank = rank
         self.tokens = token_dataset(cfg, rank, world)
-        self.packer = Packer(cfg.seq_len, load_tokenizer(cfg.tokenizer).eos_id)
+        tokenizer = load_tokenizer(cfg.tokenizer)
+        self.vocab, self.eos_id = tokenizer.vocab_size, tokenizer.eos_id
+        self.packer = Packer(*cfg.objective.window(cfg.seq_len), self.eos_id)
+        self.batches = 0  # batches emitted: with the seed and rank it keys the objective's draws
         self.epoch = 0
         self._docs = None  # live iterator over self.tokens; None = the epoch starts afresh
         self._docs_in_epoch = 0
@@ -97,13 +102,17 @@ class BatchStream:
         return self
 
     def __next__(self) -> dict[str, torch.Tensor]:
-        rows = torch.tensor([self._next_window() for _ in range(self.micro_batch)], dtype=torch.long)
-        return {"input_ids": rows[:, :-1].contiguous(), "labels": rows[:, 1:].contiguous()}
+        windows = np.array([self._next_window() for _ in range(self.micro_batch)], dtype=np.int64)
+        # A generator per batch, keyed by position: a resumed run draws exactly the same masks.
+        rng = np.random.default_rng((self.cfg.seed, self.rank, self.batches))
+        self.batches += 1
+        return self.cfg.objective.rows(windows, self.cfg.seq_len, self.vocab, self.eos_id, rng)
 
     # ---- exact resume ---------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {
             "epoch": self.epoch,
+            "batches": self.batches,
             "docs_in_epoch": self._docs_in_epoch,
             # Between epochs there is no position to save: the next epoch starts from its beginning.
             "stream": None if self._docs is None else self.tokens.state_dict(),
@@ -112,6 +121,7 @@ class BatchStream:
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch = state["epoch"]
+        self.batches = state["batches"]
         self.packer.load_state_dict(state["packer"])
         self._docs_in_epoch = state["docs_in_epoch"]
         self._docs = None

@@ -14,6 +14,7 @@ from pydantic_core import PydanticUndefined
 import models
 from cluster.config import ClusterConfig
 from data_pipelines.config import DataConfig, SourceConfig
+from data_pipelines.objectives import CausalObjective, MLMObjective, SpanCorruptionObjective
 from launcher.spec import OutputConfig
 from models.layers.moe import MoEConfig
 from trainer.config import TrainerConfig
@@ -53,6 +54,9 @@ def render() -> str:
     parts.append(section_table("model.moe", MoEConfig, "Optional mixture-of-experts MLPs, for `llama` and `hc_llm`.\n"))
     parts.append(section_table("data", DataConfig))
     parts.append(section_table("data.sources[]", SourceConfig))
+    for objective in (CausalObjective, MLMObjective, SpanCorruptionObjective):
+        kind = objective.model_fields["kind"].default
+        parts.append(section_table(f"data.objective (kind: {kind})", objective))
     parts.append(section_table("trainer", TrainerConfig))
     parts.append(section_table("cluster", ClusterConfig))
     parts.append(section_table("output", OutputConfig))

@@ -52,6 +52,12 @@ class RunSpec(BaseModel):
                 f"({t.micro_batch_size}) × trainer.grad_accum_steps ({t.grad_accum_steps}) × cluster.workers "
                 f"({c.workers}) = {per_step}; change one of them or drop global_batch_size"
             )
+        supported = getattr(type(self.model), "objectives", ("causal",))
+        if self.data.objective.kind not in supported:
+            raise ValueError(
+                f"data.objective.kind {self.data.objective.kind!r} does not fit model {self.model.name!r}, which "
+                f"trains on {' or '.join(supported)}; set data.objective.kind={supported[0]}"
+            )
         max_len = getattr(self.model, "max_seq_len", None)
         if max_len is not None and self.data.seq_len > max_len:
             raise ValueError(f"data.seq_len ({self.data.seq_len}) exceeds model.max_seq_len ({max_len})")
@@ -212,9 +218,11 @@ def resolve(spec: RunSpec) -> RunSpec:
         }
     )
     try:
-        vocab = load_tokenizer(data.tokenizer).vocab_size
+        tokenizer_vocab = load_tokenizer(data.tokenizer).vocab_size
+        specials = data.special_tokens
     except (FileNotFoundError, ValueError) as exc:
         raise SpecError(str(exc)) from None
+    vocab = tokenizer_vocab + specials
     model = spec.model
     declared = getattr(model, "vocab_size", None)
     if declared is not None:
@@ -222,8 +230,9 @@ def resolve(spec: RunSpec) -> RunSpec:
             model = model.model_copy(update={"vocab_size": vocab})
         elif declared < vocab:
             raise SpecError(
-                f"model.vocab_size ({declared}) is smaller than the tokenizer's vocabulary ({vocab}, "
-                f"{data.tokenizer}); set model.vocab_size to 0 to take it from the tokenizer"
+                f"model.vocab_size ({declared}) is smaller than the tokenizer's vocabulary ({tokenizer_vocab}, "
+                f"{data.tokenizer}) + the {data.objective.kind} objective's {specials} special tokens; "
+                f"set model.vocab_size to 0 to take it from the tokenizer"
             )
     output = spec.output.model_copy(update={"dir": str(Path(spec.output.dir).expanduser().resolve())})
     return parse_spec({**spec.to_dict(), "model": model.model_dump(mode="json"),

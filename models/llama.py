@@ -10,7 +10,7 @@ Free of any parallelism: DeepSpeed wraps it.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +28,7 @@ from models.registry import register
 
 class LlamaConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+    objectives: ClassVar[tuple[str, ...]] = ("causal",)
 
     name: Literal["llama"] = Field("llama", description="Model family; `zeroray models` lists them.")
     vocab_size: int = Field(0, ge=0, description="Tokens in the vocabulary; 0 = take it from the data's tokenizer.")

@@ -24,7 +24,7 @@ def byte_config(path, seq_len=16, **kw) -> DataConfig:
 
 
 def test_packer_keeps_every_token_and_separates_documents():
-    packer = Packer(seq_len=5, eos_id=99)
+    packer = Packer(window=6, stride=5, eos_id=99)
     docs = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10], [11]]
     windows = []
     for d in docs:
@@ -135,7 +135,7 @@ def test_weighted_mixing_follows_the_weights(tmp_path):
     a = jsonl_docs(tmp_path / "a.jsonl", ["a" * 7] * 400)
     b = jsonl_docs(tmp_path / "b.jsonl", ["b" * 7] * 400)
     cfg = DataConfig(sources=[{"path": str(a), "weight": 3}, {"path": str(b), "weight": 1}],
-                     tokenizer="bytes", seq_len=64, mix_seed=1)
+                     tokenizer="bytes", seq_len=64, seed=1)
     ids = torch.cat(take(BatchStream(cfg, 4), 10)).flatten()
     share_a = (ids == ord("a")).sum().item() / ((ids == ord("a")).sum() + (ids == ord("b")).sum()).item()
     assert 0.68 < share_a < 0.82
