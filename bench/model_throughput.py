@@ -74,8 +74,8 @@ def main() -> None:
         tokens = batch.shape[0] * (batch.shape[1] - 1)
         rows.append({
             "arm": name, "params": model.num_parameters(), "active_params": model.num_active_parameters(),
-            "flops_per_token": model.flops_per_token(spec.data.seq_len), "step_s": step_s,
-            "tokens_per_s": tokens / step_s, "flop_per_s": tokens / step_s * model.flops_per_token(spec.data.seq_len),
+            "flops_per_token": spec.flops_per_token(model), "step_s": step_s,
+            "tokens_per_s": tokens / step_s, "flop_per_s": tokens / step_s * spec.flops_per_token(model),
         })
     by = {r["arm"]: r for r in rows}
     ratios = {

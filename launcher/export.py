@@ -20,7 +20,8 @@ from trainer.run_dir import RunDir
 # Loaded by `trust_remote_code=True`; they re-export the installed zeroray classes.
 REMOTE_CODE = {
     "configuration_zeroray.py": "from models.hf import ZerorayConfig  # noqa: F401  (zeroray must be installed)\n",
-    "modeling_zeroray.py": "from models.hf import ZerorayConfig, ZerorayForCausalLM  # noqa: F401\n",
+    "modeling_zeroray.py": "from models.hf import (  # noqa: F401\n    ZerorayConfig, ZerorayForCausalLM, "
+    "ZerorayForMaskedLM, ZerorayForSeq2SeqLM, ZerorayPreTrainedModel,\n)\n",
 }
 
 
@@ -53,22 +54,24 @@ def consolidated_state_dict(ckpt: Checkpoint, spec: RunSpec) -> dict[str, torch.
 
 
 def export_hf(run_dir: Path, out_dir: Path, step: int | None = None) -> tuple[Checkpoint, Path]:
-    from models.hf import ZerorayConfig, ZerorayForCausalLM
+    from models.hf import ZerorayConfig, wrapper_for
 
     ckpt, spec = find_checkpoint(run_dir, step)
     state = consolidated_state_dict(ckpt, spec)
+    wrapper, auto = wrapper_for(spec.model.name)
     config = ZerorayConfig(
         zeroray_model=spec.model.model_dump(mode="json"),
         auto_map={
             "AutoConfig": "configuration_zeroray.ZerorayConfig",
-            "AutoModelForCausalLM": "modeling_zeroray.ZerorayForCausalLM",
+            "AutoModel": "modeling_zeroray.ZerorayPreTrainedModel",
+            auto.__name__: f"modeling_zeroray.{wrapper.__name__}",
         },
-        architectures=["ZerorayForCausalLM"],
+        architectures=[wrapper.__name__],
         zeroray_step=ckpt.step,
     )
-    hf_model = ZerorayForCausalLM(config)
+    hf_model = wrapper(config)
     result = hf_model.model.load_state_dict(state, strict=False)
-    tied = {"lm_head.weight"} if getattr(spec.model, "tie_embeddings", False) else set()
+    tied = set(getattr(hf_model.model, "tied_parameters", dict)())
     if result.unexpected_keys or set(result.missing_keys) - tied:
         raise ZerorayError(
             f"checkpoint {ckpt.path} does not fit model {spec.model.name}: missing {result.missing_keys}, "

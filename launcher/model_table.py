@@ -27,7 +27,7 @@ def model_rows(configs: list[str]) -> list[dict]:
             "summary": models.entry(spec.model.name).summary,
             "params": model.num_parameters(),
             "active_params": model.num_active_parameters(),
-            "flops_per_token": model.flops_per_token(spec.data.seq_len),
+            "flops_per_token": spec.flops_per_token(model),
             "seq_len": spec.data.seq_len,
             "vocab_size": spec.model.vocab_size,
         })

@@ -58,6 +58,12 @@ class RunSpec(BaseModel):
                 f"data.objective.kind {self.data.objective.kind!r} does not fit model {self.model.name!r}, which "
                 f"trains on {' or '.join(supported)}; set data.objective.kind={supported[0]}"
             )
+        if t.activation_checkpointing and not hasattr(models.entry(self.model.name).model_cls,
+                                                       "enable_activation_checkpointing"):
+            raise ValueError(
+                f"trainer.activation_checkpointing: model {self.model.name!r} does not support it yet; "
+                f"set trainer.activation_checkpointing=false"
+            )
         max_len = getattr(self.model, "max_seq_len", None)
         if max_len is not None and self.data.seq_len > max_len:
             raise ValueError(f"data.seq_len ({self.data.seq_len}) exceeds model.max_seq_len ({max_len})")
@@ -70,6 +76,14 @@ class RunSpec(BaseModel):
     @property
     def tokens_per_step(self) -> int:
         return self.global_batch_size * self.data.seq_len
+
+    def flops_per_token(self, model) -> float:
+        """The model's training FLOPs per token of data.seq_len; an encoder–decoder also needs the
+        objective's target length."""
+        if self.data.objective.kind == "span_corruption":
+            target = self.data.objective.lengths(self.data.seq_len).decoder
+            return model.flops_per_token(self.data.seq_len, target_len=target)
+        return model.flops_per_token(self.data.seq_len)
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

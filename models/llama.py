@@ -16,11 +16,12 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from models.layers.attention import Attention
 from models.layers.hyper_connections import HyperConnection
 from models.layers.mlp import SwiGLU, swiglu_hidden_size
-from models.layers.moe import MoEConfig, MoELayer
+from models.layers.moe import MoEConfig, MoELayer, collect_routing
 from models.layers.norms import RMSNorm
 from models.output import ModelOutput
 from models.registry import register
@@ -125,6 +126,10 @@ class LlamaModel(nn.Module):
             if name.endswith(("o_proj.weight", "down_proj.weight", "w_down")):
                 nn.init.normal_(p, std=cfg.init_std / math.sqrt(2 * cfg.n_layers))
         self.moe_layers = [m for m in self.modules() if isinstance(m, MoELayer)]
+        self.activation_checkpointing = False
+
+    def enable_activation_checkpointing(self) -> None:
+        self.activation_checkpointing = True
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, nn.Linear | nn.Embedding):
@@ -135,19 +140,23 @@ class LlamaModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> ModelOutput:
         if input_ids.shape[1] > self.config.max_seq_len:
             raise ValueError(f"sequence of {input_ids.shape[1]} tokens exceeds model.max_seq_len {self.config.max_seq_len}")
+        for layer in self.moe_layers:
+            layer.reset()
         x = self.embed(input_ids)
         rate = self.config.hc_rate
         if rate:  # the embedding is copied into the n streams
             x = x.unsqueeze(-2).expand(*x.shape[:-1], rate, x.shape[-1])
         for block in self.blocks:
-            x = block(x)
+            if self.activation_checkpointing and self.training:
+                # Non-reentrant: works with ZeRO-2/3 hooks and with inputs that need no gradient.
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
         if rate:  # the streams are summed before the final norm
             x = x.float().sum(-2).to(self.embed.weight.dtype)
         logits = self.lm_head(self.norm(x))
-        aux: dict[str, torch.Tensor] = {}
-        for layer in self.moe_layers:  # summed over layers
-            for key, value in layer.aux_losses.items():
-                aux[key] = aux[key] + value if key in aux else value
+        # Snapshot now: a recomputed forward (activation checkpointing) must not count twice.
+        aux, self._statistics = collect_routing(self.moe_layers)
         loss = None
         if labels is not None:
             # Cross-entropy in fp32: bf16 log-softmax over a large vocabulary loses the small terms.
@@ -155,15 +164,13 @@ class LlamaModel(nn.Module):
             loss = loss + sum(aux.values()) if aux else loss
         return ModelOutput(loss=loss, logits=logits, aux_losses=aux or None)
 
+    def tied_parameters(self) -> dict[str, str]:
+        return {"lm_head.weight": "embed.weight"} if self.config.tie_embeddings else {}
+
     def step_statistics(self) -> dict[str, torch.Tensor]:
         """Statistics of the last forward pass, by metric name. The trainer sums them over ranks,
         and averages those whose name ends in `fraction`."""
-        if not self.moe_layers:
-            return {}
-        return {
-            "moe/tokens_per_expert": torch.stack([m.tokens_per_expert for m in self.moe_layers]).sum(0).float(),
-            "moe/dropped_fraction": torch.stack([m.dropped_fraction for m in self.moe_layers]).mean(),
-        }
+        return getattr(self, "_statistics", {})
 
     # ---- accounting -------------------------------------------------------------------------
     def num_parameters(self, exclude_embeddings: bool = False) -> int:

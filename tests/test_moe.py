@@ -31,8 +31,8 @@ def test_dropless_dispatch_equals_the_per_token_reference():
     moe = layer()
     x = torch.randn(3, 7, 16)
     torch.testing.assert_close(moe(x), reference(moe, x), rtol=1e-5, atol=1e-6)
-    assert moe.dropped_fraction.item() == 0.0
-    assert moe.tokens_per_expert.sum().item() == 3 * 7 * 2
+    assert moe.calls[-1].dropped_fraction.item() == 0.0
+    assert moe.calls[-1].tokens_per_expert.sum().item() == 3 * 7 * 2
 
 
 def test_capacity_drops_second_choices_first():
@@ -45,9 +45,9 @@ def test_capacity_drops_second_choices_first():
     choices = F.linear(x.reshape(-1, 16), moe.router.weight).softmax(-1).topk(k, dim=-1).indices
     first = torch.bincount(choices[:, 0], minlength=4).clamp(max=capacity)
     second = torch.minimum(torch.bincount(choices[:, 1], minlength=4), capacity - first)
-    assert torch.equal(moe.tokens_per_expert, first + second)  # first choices claimed the room first
-    assert moe.dropped_fraction.item() == pytest.approx(1 - (first + second).sum().item() / (t * k))
-    assert moe.dropped_fraction.item() > 0
+    assert torch.equal(moe.calls[-1].tokens_per_expert, first + second)  # first choices claimed the room first
+    assert moe.calls[-1].dropped_fraction.item() == pytest.approx(1 - (first + second).sum().item() / (t * k))
+    assert moe.calls[-1].dropped_fraction.item() > 0
     # A token whose choices were all dropped passes nothing through the layer.
     kept_tokens = set()
     for i in range(4):
@@ -69,8 +69,8 @@ def test_losses_follow_their_formulas():
     f = torch.bincount(chosen, minlength=4).float() / chosen.numel()
     expected_lb = 0.01 * 4 * (f * probs.mean(0)).sum()
     expected_z = 1e-3 * torch.logsumexp(logits, -1).pow(2).mean()
-    torch.testing.assert_close(moe.aux_losses["load_balance"], expected_lb)
-    torch.testing.assert_close(moe.aux_losses["router_z"], expected_z)
+    torch.testing.assert_close(moe.calls[-1].aux_losses["load_balance"], expected_lb)
+    torch.testing.assert_close(moe.calls[-1].aux_losses["router_z"], expected_z)
     # Perfectly uniform routing gives a load-balancing loss of exactly α.
     uniform = torch.full((4,), 0.25)
     assert (0.01 * 4 * (uniform * uniform).sum()).item() == pytest.approx(0.01)
@@ -80,7 +80,7 @@ def test_every_expert_and_the_router_get_gradients():
     moe = layer()
     x = torch.randn(4, 16, 16, requires_grad=True)
     y = moe(x)
-    (y.pow(2).mean() + sum(moe.aux_losses.values())).backward()
+    (y.pow(2).mean() + sum(moe.calls[-1].aux_losses.values())).backward()
     for name, p in moe.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
     assert x.grad is not None
@@ -90,9 +90,31 @@ def test_router_math_stays_fp32_under_bf16():
     moe = layer().to(torch.bfloat16)
     y = moe(torch.randn(2, 8, 16, dtype=torch.bfloat16))
     assert y.dtype == torch.bfloat16
-    assert all(v.dtype == torch.float32 for v in moe.aux_losses.values())
+    assert all(v.dtype == torch.float32 for v in moe.calls[-1].aux_losses.values())
 
 
 def test_top_k_larger_than_experts_is_refused():
     with pytest.raises(ValueError, match="top_k"):
         MoEConfig(num_experts=2, top_k=3)
+
+
+def test_a_layer_called_several_times_sums_its_losses_and_load():
+    """A shared layer (WideNet) is called once per depth: each use adds its losses and its tokens."""
+    from models.layers.moe import collect_routing
+
+    torch.manual_seed(0)
+    moe = MoELayer(16, 24, MoEConfig(num_experts=4, top_k=2))
+    xs = [torch.randn(2, 5, 16) for _ in range(3)]
+    singles = []
+    for x in xs:
+        moe.reset()
+        moe(x)
+        singles.append(collect_routing([moe]))
+    moe.reset()
+    for x in xs:
+        moe(x)
+    aux, stats = collect_routing([moe])
+    for key in ("load_balance", "router_z"):
+        torch.testing.assert_close(aux[key], sum(s[0][key] for s in singles))
+    assert torch.equal(stats["moe/tokens_per_expert"], sum(s[1]["moe/tokens_per_expert"] for s in singles))
+    assert stats["moe/tokens_per_expert"].sum().item() == 3 * 2 * 5 * 2

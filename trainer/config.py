@@ -19,6 +19,9 @@ class TrainerConfig(BaseModel):
     global_batch_size: int | None = Field(
         None, ge=1, description="Optional check: must equal micro_batch_size × grad_accum_steps × workers."
     )
+    activation_checkpointing: bool = Field(
+        False, description="Recompute each layer's activations in the backward pass (less memory, ~1/3 more compute)."
+    )
     max_steps: int = Field(300, ge=1, description="Optimizer steps to train for.")
     lr: float = Field(1e-3, gt=0, description="Peak learning rate (AdamW).")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final learning rate as a fraction of the peak.")

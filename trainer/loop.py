@@ -124,6 +124,8 @@ def _train(spec: RunSpec, run: RunDir, rank: int, world: int, started: float,
 
     seed_everything(t.seed)  # identical initial weights on every rank
     model = models.build(spec.model)
+    if t.activation_checkpointing:
+        model.enable_activation_checkpointing()
     precision = resolve_precision(spec)
     engine, _, _, scheduler = deepspeed.initialize(
         model=model,

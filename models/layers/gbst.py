@@ -5,7 +5,7 @@ block of size b = 1..M that holds the position — scores each candidate with on
 d → 1, takes a softmax over the M block sizes, and mixes the candidates with those weights. The
 mixed sequence is then mean-pooled by `downsample` (d_s), so the Transformer that follows sees
 ⌈L/d_s⌉ positions. A 1-D convolution over positions runs first: strided blocks alone only ever see
-offsets that are multiples of b, the convolution lets each position know its neighbours (§2.1.1,
+offsets that are multiples of b, the convolution lets each position know its neighbours (the paper's
 "Considering offsets"). It looks both ways, which is why GBST only ever feeds an encoder.
 
 Padding never leaks into real positions: padded inputs are zeroed before the convolution (so a
@@ -47,6 +47,11 @@ def masked_block_mean(x: torch.Tensor, mask: torch.Tensor, size: int) -> tuple[t
     return sums / counts.clamp(min=1).unsqueeze(-1).to(x.dtype), counts > 0
 
 
+def _to_bytes(per_block: torch.Tensor, size: int, length: int) -> torch.Tensor:
+    """[batch, blocks, …] → [batch, length, …]: each block's value at each of its `size` bytes."""
+    return per_block.repeat_interleave(size, dim=1)[:, :length]
+
+
 class GBST(nn.Module):
     """`forward(x, mask)`: x [batch, L, d] byte embeddings, mask [batch, L] (1/True = real byte) or None."""
 
@@ -56,8 +61,10 @@ class GBST(nn.Module):
         self.max_block_size, self.downsample = max_block_size, downsample
         self.score_calibration = score_calibration
         kernel = conv_kernel or max_block_size
-        # padding="same": the length is kept (for an even kernel PyTorch puts the extra zero on the right).
-        self.conv = nn.Conv1d(d_model, d_model, kernel, padding="same", bias=False)
+        # Zero padding that keeps the length; an even kernel gets the extra zero on the right
+        # (PyTorch's padding="same" rule, padded by hand: "same" warns for even kernels).
+        self.conv_padding = ((kernel - 1) // 2, kernel // 2)
+        self.conv = nn.Conv1d(d_model, d_model, kernel, bias=False)
         # One scorer shared by every block size (the paper's F_R); no bias: a constant shift is
         # the same for all M candidates and cancels in their softmax.
         self.score = nn.Linear(d_model, 1, bias=False)
@@ -66,18 +73,16 @@ class GBST(nn.Module):
         b, length, _ = x.shape
         real = torch.ones(b, length, dtype=torch.bool, device=x.device) if mask is None else mask.bool()
         x = x * real.unsqueeze(-1).to(x.dtype)
-        x = self.conv(x.transpose(1, 2)).transpose(1, 2)
+        x = self.conv(F.pad(x.transpose(1, 2), self.conv_padding)).transpose(1, 2)
 
-        candidates, scores = [], []
-        for size in range(1, self.max_block_size + 1):  # M small: a loop over block sizes, not positions
-            pooled, _ = masked_block_mean(x, real, size)
-            candidates.append(pooled.repeat_interleave(size, dim=1)[:, :length])
-            # Scored once per block, then repeated: the same score for every byte of the block.
-            scores.append(self.score(pooled).squeeze(-1).repeat_interleave(size, dim=1)[:, :length])
-        candidates_t = torch.stack(candidates, dim=2)  # [b, L, M, d]
+        # blocks[i]: the means of the blocks of size i + 1. M is small: a loop over block sizes, not positions.
+        blocks = [masked_block_mean(x, real, size)[0] for size in range(1, self.max_block_size + 1)]
+        # Each block is scored once, and its score repeated to every byte of the block.
+        scores = [_to_bytes(self.score(pooled).squeeze(-1), i + 1, length) for i, pooled in enumerate(blocks)]
         weights = self.block_weights(torch.stack(scores, dim=-1), real)  # [b, L, M]
-
-        mixed = (candidates_t * weights.unsqueeze(-1).to(x.dtype)).sum(2)
+        # Accumulated size by size rather than stacked: no [b, L, M, d] tensor.
+        mixed = sum(weights[..., i, None].to(x.dtype) * _to_bytes(pooled, i + 1, length)
+                    for i, pooled in enumerate(blocks))
         hidden, hidden_mask = masked_block_mean(mixed, real, self.downsample)
         return GBSTOutput(hidden, hidden_mask, weights)
 

@@ -15,6 +15,7 @@ Losses (both already multiplied by their coefficients):
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -52,10 +53,12 @@ class MoELayer(nn.Module):
         self.w_down = nn.Parameter(torch.empty(e, hidden, d_model))
         for w in (self.w_gate, self.w_up, self.w_down):
             nn.init.normal_(w, std=0.02)
-        # Set by forward, read by the model after the step (losses) and the trainer (statistics).
-        self.aux_losses: dict[str, torch.Tensor] = {}
-        self.tokens_per_expert: torch.Tensor | None = None
-        self.dropped_fraction: torch.Tensor | None = None
+        # One record per call since the last `reset()`: a layer shared by several depths (WideNet)
+        # is called many times per forward, and every use adds its own losses and load.
+        self.calls: list[RoutingRecord] = []
+
+    def reset(self) -> None:
+        self.calls = []
 
     def capacity(self, num_tokens: int) -> int:
         if self.cfg.capacity_factor == 0:
@@ -89,10 +92,35 @@ class MoELayer(nn.Module):
         y = torch.zeros_like(tokens).index_add_(0, kept_token[order], expert_out)
 
         share = one_hot.float().mean(0)  # fᵢ over all k·T assignments, before drops
-        self.aux_losses = {
-            "load_balance": self.cfg.aux_loss_coef * e * (share * probs.mean(0)).sum(),
-            "router_z": self.cfg.z_loss_coef * torch.logsumexp(logits, dim=-1).pow(2).mean(),
-        }
-        self.tokens_per_expert = counts.detach()
-        self.dropped_fraction = 1.0 - keep.float().mean().detach()
+        self.calls.append(RoutingRecord(
+            aux_losses={
+                "load_balance": self.cfg.aux_loss_coef * e * (share * probs.mean(0)).sum(),
+                "router_z": self.cfg.z_loss_coef * torch.logsumexp(logits, dim=-1).pow(2).mean(),
+            },
+            tokens_per_expert=counts.detach(),
+            dropped_fraction=1.0 - keep.float().mean().detach(),
+        ))
         return y.reshape(shape)
+
+
+@dataclass
+class RoutingRecord:
+    """What one call of an MoE layer leaves for the model: its losses and its expert load."""
+
+    aux_losses: dict[str, torch.Tensor]
+    tokens_per_expert: torch.Tensor
+    dropped_fraction: torch.Tensor
+
+
+def collect_routing(layers: list[MoELayer]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Aux losses summed over every call of every layer since their reset, and the step statistics
+    (tokens per expert summed, dropped fraction averaged) under the names the trainer logs."""
+    calls = [c for layer in layers for c in layer.calls]
+    if not calls:
+        return {}, {}
+    aux = {k: torch.stack([c.aux_losses[k] for c in calls]).sum() for k in calls[0].aux_losses}
+    stats = {
+        "moe/tokens_per_expert": torch.stack([c.tokens_per_expert for c in calls]).sum(0).float(),
+        "moe/dropped_fraction": torch.stack([c.dropped_fraction for c in calls]).mean(),
+    }
+    return aux, stats
