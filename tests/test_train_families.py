@@ -44,3 +44,17 @@ def test_widenet_trains_under_zero_with_shared_weights(ray_local, tiny_config, t
         assert sum(r["moe/tokens_per_expert"]) == pytest.approx(
             2 * 3 * 4 * 32 * 2 * (1 - r["moe/dropped_fraction"]), rel=1e-4)
     check_export(result.run.root, tmp_path / "hf", last_loss=recs[-1]["loss"])
+
+
+def test_charformer_trains_with_span_corruption_under_zero3(ray_local, tiny_config, tmp_path):
+    """Bytes → GBST → encoder, byte decoder; the shared byte embedding is used by both sides (one
+    module gathered twice per step under ZeRO-3)."""
+    recs, result = train(tiny_config, [
+        "model={name: charformer, d_model: 64, n_heads: 4, n_encoder_layers: 2, n_decoder_layers: 1, "
+        "max_seq_len: 64}",
+        "data.tokenizer=bytes", "data.seq_len=64", "data.objective={kind: span_corruption, mean_span_length: 5}",
+        "trainer.zero_stage=3", "trainer.max_steps=16", "trainer.checkpoint_every=0", "output.name=charformer",
+    ])
+    assert result.run.root.joinpath("spec.yaml").read_text().count("vocab_size: 261") == 1  # 257 + pad, mask, 2 sentinels
+    assert falls(recs, 0.5), [r["loss"] for r in recs]
+    check_export(result.run.root, tmp_path / "hf", last_loss=recs[-1]["loss"])
