@@ -1,7 +1,7 @@
 """Per-model training throughput in one process, and the architecture overheads, in one sitting.
 
 Each arm is a model from a shipped config (or a variant of one), trained with bf16 weights and
-torch AdamW on random tokens of the config's shape, on `--threads` CPU threads. The arms are
+torch AdamW on random tokens of the config's shape and objective, on `--threads` CPU threads. The arms are
 interleaved round by round so drift hits them alike. Reports tokens/s, achieved FLOP/s from
 `flops_per_token`, and step-time ratios: DHC×4 ÷ residual, MoE top-2-of-8 ÷ dense with the same
 active parameters.
@@ -17,6 +17,7 @@ import argparse
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from results_file import save
 
@@ -31,21 +32,32 @@ ARMS = {
     "hc_llm SHC×4 (dense)": ("hc_llm_tiny.yaml", ["model.dynamic=false"]),
     "llama MoE top-2/8": ("demo.yaml", [MOE_8_TOP2]),
     "hc_llm DHC×4 MoE top-2/8": ("hc_llm_moe_tiny.yaml", []),
+    "widenet (MLM)": ("widenet_tiny.yaml", []),
+    "charformer (span corruption)": ("charformer_tiny.yaml", []),
+    "convbert (ELECTRA RTD)": ("convbert_tiny.yaml", []),
+    "bert (ELECTRA RTD)": ("bert_tiny.yaml", []),
 }
+BYTE_LEVEL = {"charformer"}  # keep their own byte vocabulary
 
 
 def build(config: str, overrides: list[str]):
-    spec = load_spec(REPO / "configs" / config, ["data.tokenizer=bytes", "model.vocab_size=8192", *overrides])
+    spec = load_spec(REPO / "configs" / config, ["data.tokenizer=bytes", *overrides])
+    if spec.model.name not in BYTE_LEVEL:  # the vocabulary of a trained tokenizer, without preparing data
+        spec = load_spec(REPO / "configs" / config, ["data.tokenizer=bytes", "model.vocab_size=8192", *overrides])
     torch.manual_seed(0)
     model = models.build(spec.model).to(torch.bfloat16)
     opt = torch.optim.AdamW(model.param_groups(0.1), lr=1e-4, foreach=True)
-    t = spec.trainer
-    batch = torch.randint(0, spec.model.vocab_size, (t.micro_batch_size, spec.data.seq_len + 1))
+    # Random tokens shaped by the config's objective (masks, spans) like the data pipeline's batches.
+    text_vocab = spec.model.vocab_size - spec.data.special_tokens
+    rng = np.random.default_rng(0)
+    window, _ = spec.data.objective.window(spec.data.seq_len)
+    windows = rng.integers(0, text_vocab - 1, size=(spec.trainer.micro_batch_size, window))
+    batch = spec.data.objective.rows(windows, spec.data.seq_len, text_vocab, text_vocab - 1, rng)
     return model, opt, batch, spec
 
 
 def step(model, opt, batch) -> None:
-    loss = model(batch[:, :-1], labels=batch[:, 1:]).loss
+    loss = model(**batch).loss
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
@@ -69,9 +81,9 @@ def main() -> None:
                 step(model, opt, batch)
             seconds[name] += time.perf_counter() - t0
     rows = []
-    for name, (model, _, batch, spec) in arms.items():
+    for name, (model, _, _, spec) in arms.items():
         step_s = seconds[name] / (args.rounds * args.steps)
-        tokens = batch.shape[0] * (batch.shape[1] - 1)
+        tokens = spec.trainer.micro_batch_size * spec.data.seq_len
         rows.append({
             "arm": name, "params": model.num_parameters(), "active_params": model.num_active_parameters(),
             "flops_per_token": spec.flops_per_token(model), "step_s": step_s,

@@ -42,8 +42,9 @@ def check_export(run_dir: Path, out_dir: Path, last_loss: float, exported: bool 
             loss = hf_out.loss.item() - sum(v.item() for v in (ours.aux_losses or {}).values())
         torch.testing.assert_close(hf_out.logits, ours.logits)
     # ... and it is the trained model: its loss is near the last training loss, far below chance.
-    assert abs(loss - last_loss) < 0.75, (loss, last_loss)
-    assert loss < math.log(spec.model.vocab_size)
+    assert abs(loss - last_loss) < max(0.75, 0.15 * last_loss), (loss, last_loss)  # RTD: 50 × BCE
+    if ours.logits.dim() == 3:  # token predictions (RTD's per-position logits have no vocabulary)
+        assert loss < math.log(spec.model.vocab_size)
     if spec.data.tokenizer != "bytes":
         tok = AutoTokenizer.from_pretrained(out_dir)
         assert tok.decode(tok("def main():")["input_ids"]) == "def main():"

@@ -4,6 +4,7 @@ real DeepSpeed ZeRO on gloo), its loss falls, and its export opens in `transform
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -57,4 +58,19 @@ def test_charformer_trains_with_span_corruption_under_zero3(ray_local, tiny_conf
     ])
     assert result.run.root.joinpath("spec.yaml").read_text().count("vocab_size: 261") == 1  # 257 + pad, mask, 2 sentinels
     assert falls(recs, 0.5), [r["loss"] for r in recs]
+    check_export(result.run.root, tmp_path / "hf", last_loss=recs[-1]["loss"])
+
+
+def test_convbert_trains_with_replaced_token_detection(ray_local, tiny_config, tmp_path):
+    """ELECTRA: the generator's MLM loss is reported apart; the objective is λ·BCE of the discriminator."""
+    recs, result = train(tiny_config, [
+        "model={name: convbert, d_model: 64, n_layers: 2, n_heads: 4, embedding_size: 32, max_seq_len: 64, "
+        "generator_size: 0.5, dropout: 0.0}",
+        "data.objective={kind: mlm}", "trainer.max_steps=16", "trainer.checkpoint_every=0",
+        "output.name=convbert",
+    ])
+    chance = math.log(512)  # the test tokenizer's vocabulary
+    assert recs[-1]["aux/generator_mlm"] < min(recs[0]["aux/generator_mlm"], chance) - 0.1
+    assert falls(recs, 1.0), [r["loss"] for r in recs]
+    assert all(0 < r["rtd/replaced_fraction"] <= 1 for r in recs)  # of the selected positions
     check_export(result.run.root, tmp_path / "hf", last_loss=recs[-1]["loss"])
