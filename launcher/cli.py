@@ -83,7 +83,66 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("run_dir", type=Path, help="run directory (e.g. runs/demo)")
     export.add_argument("--hf", type=Path, required=True, metavar="OUT_DIR", help="folder to write")
     export.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+
+    runs = sub.add_parser(
+        "runs", help="list runs: model, status, step, last loss",
+        description="List the run directories under a folder (default runs/) with model, status (running, "
+        "finished, failed, interrupted, stopped), step, latest checkpoint and last loss.",
+    )
+    runs.add_argument("--dir", type=Path, default=Path("runs"), help="folder of run directories (default runs/)")
+    runs.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    resume = sub.add_parser(
+        "resume", help="continue a run from its latest checkpoint",
+        description="Relaunch a run from its saved spec (RUN_DIR/spec.yaml); overrides apply on top, e.g. "
+        "trainer.max_steps=600 to train a finished run further.",
+    )
+    resume.add_argument("run_dir", type=Path, help="run directory (e.g. runs/demo)")
+    resume.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides")
+    resume.add_argument("--progress-interval", type=float, default=10.0, metavar="SECONDS",
+                        help="seconds between progress lines when output is not a terminal (default 10)")
+
+    plot = sub.add_parser(
+        "plot", help="draw a metric of one or more runs on one chart (PNG)",
+        description="Draw a metric (default loss) against the step for each run, on one chart.",
+    )
+    plot.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR", help="run directories")
+    plot.add_argument("--metric", default="loss", help="metric name from metrics.jsonl (default loss)")
+    plot.add_argument("-o", "--output", type=Path, default=Path("plot.png"), help="PNG to write (default plot.png)")
     return parser
+
+
+def cmd_runs(args) -> int:
+    from launcher.runs import list_runs
+
+    rows = list_runs(args.dir)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'name':<24} {'model':<16} {'status':<12} {'step':>13} {'loss':>8}  path")
+    for r in rows:
+        loss = "" if r["loss"] is None else f"{r['loss']:.4f}"
+        error = f"  ({r['error']})" if r.get("error") else ""
+        print(f"{r['name']:<24} {r['model']:<16} {r['status']:<12} {r['step']:>6}/{r['max_steps']:<6} {loss:>8}  "
+              f"{r['path']}{error}")
+    return 0
+
+
+def cmd_resume(args) -> int:
+    from launcher.runs import run_spec
+    from launcher.spec import apply_overrides, parse_spec, resolve
+
+    saved = run_spec(args.run_dir)
+    spec = resolve(parse_spec(apply_overrides(saved.to_dict(), args.overrides), origin=str(args.run_dir / "spec.yaml")))
+    return _launch_and_summarise(spec, fresh=False, progress_interval=args.progress_interval)
+
+
+def cmd_plot(args) -> int:
+    from launcher.runs import plot_runs
+
+    plot_runs(args.run_dirs, args.metric, args.output)
+    print(f"wrote {args.output} ({args.metric} of {len(args.run_dirs)} run(s))")
+    return 0
 
 
 def cmd_export(args) -> int:
@@ -96,12 +155,16 @@ def cmd_export(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from launcher.ray_launch import launch
     from launcher.spec import load_spec
 
     overrides = args.overrides + ([f"cluster.address={args.address}"] if args.address else [])
-    spec = load_spec(args.config, overrides)
-    result = launch(spec, fresh=args.fresh, progress_interval_s=args.progress_interval,
+    return _launch_and_summarise(load_spec(args.config, overrides), args.fresh, args.progress_interval)
+
+
+def _launch_and_summarise(spec, fresh: bool, progress_interval: float) -> int:
+    from launcher.ray_launch import launch
+
+    result = launch(spec, fresh=fresh, progress_interval_s=progress_interval,
                     announce=lambda s: print(f"zeroray: {s}", file=sys.stderr, flush=True))
     last = result.last or {}
     print("zeroray: training finished" if last else "zeroray: nothing to train")
@@ -162,6 +225,9 @@ COMMANDS = {
     ("data", "prepare"): cmd_data_prepare,
     ("models", None): cmd_models,
     ("export", None): cmd_export,
+    ("runs", None): cmd_runs,
+    ("resume", None): cmd_resume,
+    ("plot", None): cmd_plot,
 }
 
 
@@ -179,7 +245,7 @@ def _deepspeed_logs_to_stderr() -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     action = getattr(args, f"{args.command}_command", None)
-    if args.command in ("train", "config", "export"):
+    if args.command in ("train", "config", "export", "resume", "runs", "plot"):
         _deepspeed_logs_to_stderr()
     try:
         return COMMANDS[(args.command, action)](args)

@@ -33,8 +33,11 @@ def _terminal_columns(stream) -> int:
 
 
 class Progress:
-    def __init__(self, metrics: Path, start_step: int, max_steps: int, interval_s: float = 10.0, stream=None):
+    def __init__(self, metrics: Path, start_step: int, max_steps: int, interval_s: float = 10.0, stream=None,
+                 sinks: tuple = ()):
+        """`sinks`: callables that receive every record (metric trackers such as TensorBoard)."""
         self.metrics = metrics
+        self.sinks = sinks
         self.offset = metrics.stat().st_size if metrics.exists() else 0  # skip earlier launches
         self.start_step, self.max_steps = start_step, max_steps
         self.interval_s = interval_s
@@ -77,6 +80,8 @@ class Progress:
                 self.first_record_at = time.time()
             self.last = rec
             self._show(rec)
+            for sink in self.sinks:
+                sink(rec)
 
     def _show(self, rec: dict) -> None:
         if self._bar is not None:

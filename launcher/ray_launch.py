@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
 import tempfile
 import time
 from dataclasses import dataclass
@@ -13,6 +15,7 @@ from launcher.errors import ZerorayError
 from launcher.progress import Progress
 from launcher.run_prep import preflight_data, prepare_run_dir
 from launcher.spec import RunSpec, parse_spec
+from launcher.trackers import TensorBoardSink
 from trainer.checkpoint import CheckpointStore
 from trainer.run_dir import RunDir
 
@@ -97,14 +100,26 @@ def launch(spec: RunSpec, fresh: bool = False, ray_temp_dir: str | None = None, 
             worker_runtime_env={"env_vars": worker_env(c)},
         ),
     )
-    with ray_cluster(c, temp_dir=ray_temp_dir) as where:
-        announce(f"training on {c.workers} worker(s) of the {where}; per-rank logs in {run.logs}")
-        progress = Progress(run.metrics, latest.step if latest else 0, spec.trainer.max_steps, progress_interval_s)
-        with progress:
-            try:
-                ray_result = trainer.fit()
-            except TrainingFailedError as exc:
-                raise ZerorayError(explain_failure(exc, run)) from None
+    tensorboard = TensorBoardSink(run.tensorboard)
+    write_status(run, "running", started)
+    try:
+        with ray_cluster(c, temp_dir=ray_temp_dir) as where:
+            announce(f"training on {c.workers} worker(s) of the {where}; per-rank logs in {run.logs}")
+            progress = Progress(run.metrics, latest.step if latest else 0, spec.trainer.max_steps,
+                                progress_interval_s, sinks=(tensorboard,))
+            with progress:
+                try:
+                    ray_result = trainer.fit()
+                except TrainingFailedError as exc:
+                    message = explain_failure(exc, run)
+                    write_status(run, "failed", started, message)
+                    raise ZerorayError(message) from None
+    except KeyboardInterrupt:
+        write_status(run, "interrupted", started)
+        raise
+    finally:
+        tensorboard.close()
+    write_status(run, "finished", started)
     return LaunchResult(
         run=run,
         status=status,
@@ -113,6 +128,15 @@ def launch(spec: RunSpec, fresh: bool = False, ray_temp_dir: str | None = None, 
         first_step_s=None if progress.first_record_at is None else progress.first_record_at - started,
         wall_s=time.time() - started,
     )
+
+
+def write_status(run: RunDir, state: str, started: float, message: str | None = None) -> None:
+    """What `zeroray runs` shows; written atomically so a reader never sees half a file."""
+    status = {"status": state, "started": started, "updated": time.time(), "pid": os.getpid(),
+              "host": socket.gethostname(), "message": message}
+    tmp = run.status.with_suffix(".tmp")
+    tmp.write_text(json.dumps(status) + "\n")
+    os.replace(tmp, run.status)
 
 
 def explain_failure(exc: Exception, run: RunDir) -> str:

@@ -59,3 +59,81 @@ def test_torchrun_runs_the_same_trainer_with_zero1(tiny_config, tmp_path):
     losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 6 and losses[-1] < losses[0]
     assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000006"
+
+
+def tensorboard_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
+    """Reads tensorboardX event files (TFRecord framing: length, crc, event proto, crc)."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+
+    scalars: dict[str, list[tuple[int, float]]] = {}
+    for path in sorted(folder.glob("events.out.tfevents.*")):
+        data = path.read_bytes()
+        pos = 0
+        while pos < len(data):
+            (length,) = struct.unpack("<Q", data[pos : pos + 8])
+            event = Event.FromString(data[pos + 12 : pos + 12 + length])
+            pos += 12 + length + 4
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return scalars
+
+
+def test_runs_resume_plot_and_tensorboard_commands(tiny_config, tmp_path):
+    """`zeroray runs`, `zeroray resume` (a finished run trained further), `zeroray plot`, and the
+    TensorBoard files the driver writes, all from subprocesses."""
+    zeroray = shutil.which("zeroray", path=str(Path(sys.executable).parent)) or "zeroray"
+
+    def cli(*args, timeout=240):
+        proc = subprocess.run([zeroray, *map(str, args)], capture_output=True, text=True, env=_env(tmp_path),
+                              timeout=timeout)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc
+
+    cli("train", tiny_config, "trainer.zero_stage=1", "trainer.max_steps=3", "trainer.warmup_steps=1",
+        "trainer.checkpoint_every=0", "output.name=first")
+    runs_dir, run = tmp_path / "runs", tmp_path / "runs" / "first"
+    rows = json.loads(cli("runs", "--dir", runs_dir, "--json").stdout)
+    assert [(r["name"], r["status"], r["step"], r["checkpoint_step"]) for r in rows] == [("first", "finished", 3, 3)]
+    assert "first" in cli("runs", "--dir", runs_dir).stdout
+
+    cli("resume", run, "trainer.max_steps=5")
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5]
+    row = json.loads(cli("runs", "--dir", runs_dir, "--json").stdout)[0]
+    assert (row["status"], row["step"], row["loss"]) == ("finished", 5, records[-1]["loss"])
+
+    scalars = tensorboard_scalars(run / "tensorboard")
+    assert [step for step, _ in scalars["loss"]] == [1, 2, 3, 4, 5]
+    assert [v for _, v in scalars["loss"]] == pytest.approx([r["loss"] for r in records], rel=1e-6)
+
+    png = tmp_path / "loss.png"
+    assert "wrote" in cli("plot", run, run, "--metric", "loss", "-o", png).stdout
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+    bad = subprocess.run([zeroray, "plot", run, "--metric", "nope"], capture_output=True, text=True,
+                         env=_env(tmp_path), timeout=60)
+    assert bad.returncode == 2 and "has no metric 'nope'" in bad.stderr and "loss" in bad.stderr
+
+
+def test_plot_draws_each_runs_metric(tmp_path, tiny_config):
+    """The curves are the runs' own records (checked in the figure, not just the file)."""
+    import yaml
+
+    from launcher.runs import plot_runs
+    from launcher.spec import load_spec
+
+    spec = load_spec(tiny_config)
+    runs = []
+    for name, losses in (("a", [5.0, 4.0, 3.5]), ("b", [6.0, 4.5, 4.2])):
+        run = tmp_path / name
+        run.mkdir()
+        (run / "spec.yaml").write_text(yaml.safe_dump(spec.to_dict()))
+        (run / "metrics.jsonl").write_text(
+            "".join(json.dumps({"step": i + 1, "loss": v}) + "\n" for i, v in enumerate(losses)))
+        runs.append((run, losses))
+    fig = plot_runs([r for r, _ in runs], "loss", tmp_path / "p.png")
+    lines = fig.axes[0].get_lines()
+    assert [line.get_label() for line in lines] == ["a", "b"]
+    for line, (_, losses) in zip(lines, runs, strict=True):
+        assert list(line.get_xdata()) == [1, 2, 3] and list(line.get_ydata()) == losses

@@ -19,6 +19,15 @@ class RunDir:
         return self.root / "metrics.jsonl"
 
     @property
+    def status(self) -> Path:
+        """Written by the launcher: running / finished / failed / interrupted, with times and pid."""
+        return self.root / "status.json"
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.root / "tensorboard"
+
+    @property
     def checkpoints(self) -> Path:
         return self.root / "checkpoints"
 

@@ -1,0 +1,111 @@
+"""`zeroray runs`, `zeroray resume`, `zeroray plot`: run directories as the user sees them."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import yaml
+
+from launcher.errors import ZerorayError
+from launcher.spec import RunSpec, parse_spec
+from trainer.checkpoint import CheckpointStore
+from trainer.run_dir import RunDir
+
+
+def read_metrics(run: RunDir) -> list[dict]:
+    if not run.metrics.is_file():
+        return []
+    lines = run.metrics.read_text().splitlines()
+    return [json.loads(line) for line in lines if line.strip().endswith("}")]  # skip a line being written
+
+
+def run_spec(run_dir: Path) -> RunSpec:
+    run = RunDir(Path(run_dir))
+    if not run.spec.is_file():
+        raise ZerorayError(f"{run_dir} is not a zeroray run directory (no spec.yaml); `zeroray runs` lists runs")
+    return parse_spec(yaml.safe_load(run.spec.read_text()), origin=str(run.spec))
+
+
+def _status(run: RunDir, step: int, max_steps: int) -> str:
+    status = json.loads(run.status.read_text()) if run.status.is_file() else {}
+    state = status.get("status")
+    if state == "running" and status.get("host") == socket.gethostname() and not _alive(status.get("pid")):
+        return "stopped"  # the driver died without saying so (killed, machine rebooted)
+    if state is None:
+        return "finished" if step >= max_steps else "stopped"
+    return state
+
+
+def _alive(pid) -> bool:
+    if not isinstance(pid, int):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def describe(run_dir: Path) -> dict:
+    run = RunDir(Path(run_dir))
+    spec = run_spec(run_dir)
+    records = read_metrics(run)
+    latest = CheckpointStore(run.checkpoints, 0, 1).latest()
+    step = max(records[-1]["step"] if records else 0, latest.step if latest else 0)
+    return {
+        "name": run.root.name,
+        "model": spec.model.name,
+        "status": _status(run, step, spec.trainer.max_steps),
+        "step": step,
+        "max_steps": spec.trainer.max_steps,
+        "checkpoint_step": latest.step if latest else None,
+        "loss": records[-1]["loss"] if records else None,
+        "path": str(run.root),
+    }
+
+
+def list_runs(folder: Path) -> list[dict]:
+    if not folder.is_dir():
+        raise ZerorayError(f"{folder} does not exist; runs are written under output.dir (default runs/)")
+    rows = []
+    for d in sorted(folder.iterdir()):
+        if not (d / "spec.yaml").is_file():
+            continue
+        try:
+            rows.append(describe(d))
+        except ZerorayError as exc:  # e.g. a run written by an older zeroray: list it, say why it is odd
+            rows.append({"name": d.name, "model": "?", "status": "unreadable", "step": 0, "max_steps": 0,
+                         "checkpoint_step": None, "loss": None, "path": str(d),
+                         "error": str(exc).splitlines()[-1].strip()})
+    return rows
+
+
+def plot_runs(run_dirs: list[Path], metric: str, out: Path):
+    """One chart, one curve per run: `metric` against the optimizer step. Returns the figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; no display needed
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for run_dir in run_dirs:
+        run = RunDir(Path(run_dir))
+        run_spec(run_dir)  # a clear error for a folder that is not a run
+        points = [(r["step"], r[metric]) for r in read_metrics(run) if isinstance(r.get(metric), int | float)]
+        if not points:
+            known = sorted({k for r in read_metrics(run) for k, v in r.items() if isinstance(v, int | float)})
+            raise ZerorayError(f"{run_dir} has no metric {metric!r}; it has: {', '.join(known) or 'no records yet'}")
+        steps, values = zip(*points, strict=True)
+        ax.plot(steps, values, label=run.root.name)
+    ax.set_xlabel("step")
+    ax.set_ylabel(metric)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    return fig
