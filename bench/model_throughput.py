@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from peak_flops import peak
 from results_file import save
 
 import models
@@ -80,6 +81,7 @@ def main() -> None:
             for _ in range(args.steps):
                 step(model, opt, batch)
             seconds[name] += time.perf_counter() - t0
+    bf16_peak = peak(torch.bfloat16)["flop_per_s"]  # MFU's denominator, measured in this sitting
     rows = []
     for name, (model, _, _, spec) in arms.items():
         step_s = seconds[name] / (args.rounds * args.steps)
@@ -88,6 +90,7 @@ def main() -> None:
             "arm": name, "params": model.num_parameters(), "active_params": model.num_active_parameters(),
             "flops_per_token": spec.flops_per_token(model), "step_s": step_s,
             "tokens_per_s": tokens / step_s, "flop_per_s": tokens / step_s * spec.flops_per_token(model),
+            "mfu": tokens / step_s * spec.flops_per_token(model) / bf16_peak,
         })
     by = {r["arm"]: r for r in rows}
     ratios = {
@@ -96,12 +99,13 @@ def main() -> None:
         "moe_top2of8_over_dense": by["llama MoE top-2/8"]["step_s"] / by["llama (residual, dense)"]["step_s"],
     }
     out = save("models", {"threads": args.threads, "rounds": args.rounds, "steps": args.steps, "rows": rows,
-                          "ratios": ratios})
-    print("| arm | params | active | FLOPs/token | step (s) | tokens/s | GFLOP/s |")
-    print("|---|---|---|---|---|---|---|")
+                          "ratios": ratios, "bf16_peak_flop_per_s": bf16_peak})
+    print(f"bf16 matmul peak, {args.threads} thread(s), measured now: {bf16_peak / 1e9:.0f} GFLOP/s\n")
+    print("| arm | params | active | FLOPs/token | step (s) | tokens/s | GFLOP/s | MFU |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['arm']} | {r['params'] / 1e6:.2f}M | {r['active_params'] / 1e6:.2f}M | {r['flops_per_token']:.3g} "
-              f"| {r['step_s']:.3f} | {r['tokens_per_s']:.0f} | {r['flop_per_s'] / 1e9:.1f} |")
+              f"| {r['step_s']:.3f} | {r['tokens_per_s']:.0f} | {r['flop_per_s'] / 1e9:.1f} | {r['mfu']:.1%} |")
     print("\n" + "\n".join(f"{k}: {v:.3f}" for k, v in ratios.items()))
     print(f"\nwritten to {out}")
 
