@@ -9,6 +9,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from data_pipelines.objectives import CausalObjective, Objective
 
 
+class LayoutError(ValueError):
+    """Workers, batch and logical streams that do not fit together; the message says what to change."""
+
+
 class SourceConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -42,9 +46,41 @@ class DataConfig(BaseModel):
         description="What the model learns: `{kind: causal}`, `{kind: mlm, mask_prob}` or "
         "`{kind: span_corruption, noise_density, mean_span_length}`; the model must support it.",
     )
-    seed: int = Field(0, description="Seed of the data's random draws: source mixing and the objective's masks.")
+    seed: int = Field(
+        0, ge=0, description="Seed of the data's random draws: source mixing and the objective's masks."
+    )
+    streams: int = Field(
+        8,
+        ge=1,
+        description="Logical data streams, fixed for the life of a run: stream i reads shard subset i of every "
+        "source, and each optimizer step takes the same number of windows from every stream, so the data order "
+        "does not depend on the number of workers (a run can resume on another worker count). Every source's "
+        "shard (file) count must be a multiple of it; it must be a multiple of cluster.workers and divide the "
+        "global batch (rows per optimizer step).",
+    )
 
     @property
     def special_tokens(self) -> int:
         """Ids the objective appends after the tokenizer's vocabulary (pad, mask, sentinels)."""
         return self.objective.special_tokens(self.seq_len)
+
+    def check_layout(self, global_batch: int, workers: int) -> None:
+        """Raise LayoutError unless `workers` ranks can share the streams and every optimizer step of
+        `global_batch` rows takes the same whole number of windows from each stream. Both conditions
+        are what make the set of rows in a step independent of the worker count."""
+        if global_batch % self.streams:
+            divisors = [d for d in range(1, global_batch + 1) if global_batch % d == 0 and d % workers == 0]
+            raise LayoutError(
+                f"data.streams ({self.streams}) must divide the global batch ({global_batch} rows per optimizer "
+                f"step = trainer.micro_batch_size × trainer.grad_accum_steps × cluster.workers): every step "
+                f"takes the same number of windows from each logical stream. Change the batch to a multiple of "
+                f"{self.streams}, or (for a new run: it changes the data order) set data.streams to one of "
+                f"{', '.join(map(str, divisors))}"
+            )
+        if self.streams % workers:
+            raise LayoutError(
+                f"data.streams ({self.streams}) must be a multiple of the worker count ({workers}): each worker "
+                f"reads whole logical streams, so at most {self.streams} workers and only counts that divide "
+                f"{self.streams}. Use a worker count that divides {self.streams}, or (for a new run: it changes "
+                f"the data order) set data.streams to a multiple of {workers}"
+            )

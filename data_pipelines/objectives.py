@@ -13,7 +13,8 @@ end-of-document token) and returns LongTensors; `labels` −100 marks positions 
   decoder predicts "sentinel, span tokens" for every span, then the end token.
 
 Special ids are appended after the tokenizer's V ids: pad = V, mask = V + 1, sentinel i = V + 2 + i.
-Random draws come from a generator the caller seeds per batch, so a resumed run draws the same masks.
+Random draws come from a generator the caller seeds (per window: `data_pipelines.stream`), so a resumed
+run, on any number of workers, draws the same masks.
 """
 
 from __future__ import annotations

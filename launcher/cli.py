@@ -67,6 +67,26 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--val-fraction", type=float, default=0.02, help="share of files held out (default 0.02)")
     prep.add_argument("--extensions", default=".py,.txt,.md,.rst", help="file extensions to read (comma-separated)")
 
+    inspect = data_sub.add_parser(
+        "inspect", help="show decoded samples, tokens per document, packing efficiency, source shares",
+        description="Read a sample of each source of a run spec and its first batch: documents and tokens per "
+        "document, each source's share, the objective's first batch decoded, and the share of real tokens.",
+    )
+    _add_config_args(inspect)
+    trace = data_sub.add_parser(
+        "trace", help="fingerprint the global sample order, optionally across a resume on another worker count",
+        description="Fingerprint the rows of each optimizer step (as a set) for N steps, simulating every worker "
+        "in this process. Two traces with the same fingerprints train on the same data, e.g. a run resumed on "
+        "another worker count: --resume-at K --resume-world W2.",
+    )
+    _add_config_args(trace)
+    trace.add_argument("--steps", type=int, required=True, help="optimizer steps to trace")
+    trace.add_argument("--world", type=int, default=None, help="worker count (default cluster.workers)")
+    trace.add_argument("--resume-at", type=int, default=None, metavar="K", help="save and resume after K steps")
+    trace.add_argument("--resume-world", type=int, default=None, metavar="W2",
+                       help="worker count after the resume (default: the same)")
+    trace.add_argument("--json", action="store_true", help="print per-step fingerprints as JSON")
+
     models_cmd = sub.add_parser(
         "models", help="list model configs with parameters and FLOPs per token",
         description="For each run spec (default: every file in configs/), the model family, total and active "
@@ -205,6 +225,42 @@ def cmd_data_prepare(args) -> int:
     return 0
 
 
+def cmd_data_inspect(args) -> int:
+    from data_pipelines import LayoutError, SourceError
+    from data_pipelines.inspect_data import lines
+    from launcher.spec import load_spec
+
+    spec = load_spec(args.config, args.overrides)
+    try:
+        print("\n".join(lines(spec.data, spec.data.streams)))
+    except (SourceError, LayoutError) as exc:
+        raise ZerorayError(str(exc)) from None
+    return 0
+
+
+def cmd_data_trace(args) -> int:
+    from data_pipelines import LayoutError, SourceError
+    from data_pipelines.trace import trace
+    from launcher.spec import load_spec
+
+    spec = load_spec(args.config, args.overrides)
+    world = args.world or spec.cluster.workers
+    resumes = []
+    if args.resume_at is not None:
+        resumes.append((args.resume_at, args.resume_world or world))
+    elif args.resume_world is not None:
+        raise ZerorayError("--resume-world needs --resume-at K (the step after which the run resumes)")
+    try:
+        spec.data.check_layout(spec.global_batch_size, world)
+        for _, w in resumes:
+            spec.data.check_layout(spec.global_batch_size, w)
+        result = trace(spec.data, args.steps, spec.global_batch_size, world=world, resumes=resumes)
+    except (SourceError, LayoutError, ValueError) as exc:
+        raise ZerorayError(str(exc)) from None
+    print(json.dumps(result.to_dict(), indent=2) if args.json else "\n".join(result.lines()))
+    return 0
+
+
 def cmd_models(args) -> int:
     from launcher.model_table import model_rows
 
@@ -223,6 +279,8 @@ COMMANDS = {
     ("train", None): cmd_train,
     ("config", "show"): cmd_config_show,
     ("data", "prepare"): cmd_data_prepare,
+    ("data", "inspect"): cmd_data_inspect,
+    ("data", "trace"): cmd_data_trace,
     ("models", None): cmd_models,
     ("export", None): cmd_export,
     ("runs", None): cmd_runs,
@@ -243,7 +301,14 @@ def _deepspeed_logs_to_stderr() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # Overrides may come after options (`zeroray train C --address auto k=v`): argparse stops taking
+    # positionals at the first option, so pick up the key=value leftovers ourselves.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides") or not all("=" in item and not item.startswith("-") for item in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides += extra
     action = getattr(args, f"{args.command}_command", None)
     if args.command in ("train", "config", "export", "resume", "runs", "plot"):
         _deepspeed_logs_to_stderr()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from data_pipelines import BatchStream, SourceError
+from data_pipelines import BatchStream, LayoutError, SourceError
 from launcher.errors import ZerorayError
 from launcher.spec import RunSpec
 from trainer.checkpoint import CheckpointStore
@@ -19,9 +19,11 @@ def preflight_data(spec: RunSpec) -> None:
     """Open the data and build one batch on the driver: a wrong path, an empty dataset or a
     missing text column fails here in a second, not inside a worker after the cluster started."""
     try:
-        stream = BatchStream(spec.data, micro_batch=1, rank=0, world=spec.cluster.workers)
+        t = spec.trainer
+        stream = BatchStream(spec.data, t.micro_batch_size, rank=0, world=spec.cluster.workers,
+                             grad_accum=t.grad_accum_steps)
         next(stream)
-    except (SourceError, FileNotFoundError) as exc:
+    except (SourceError, LayoutError, FileNotFoundError) as exc:
         raise ZerorayError(str(exc)) from None
     except Exception as exc:  # pyarrow / datasets / fsspec errors on damaged or empty files
         where = ", ".join(s.path for s in spec.data.sources)

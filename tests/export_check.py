@@ -29,7 +29,7 @@ def check_export(run_dir: Path, out_dir: Path, last_loss: float, exported: bool 
     # The same module, built by zeroray from DeepSpeed's consolidated weights, gives the same logits.
     reference = models.build(spec.model).eval()
     reference.load_state_dict(consolidated_state_dict(ckpt, spec), strict=False)
-    batch = next(BatchStream(spec.data, micro_batch=2, rank=0, world=1))
+    batch = next(BatchStream(spec.data, micro_batch=spec.data.streams, rank=0, world=1))  # one window per stream
     with torch.no_grad():
         torch.manual_seed(0)  # models that sample in their forward (ELECTRA's generator) draw alike
         ours = reference(**batch)

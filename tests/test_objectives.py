@@ -88,18 +88,18 @@ def test_objective_draws_resume_exactly(tmp_path, objective):
             "".join(json.dumps({"text": f"file {f} document {i} " + "abc" * i}) + "\n" for i in range(30))
         )
     cfg = DataConfig(sources=[{"path": str(folder)}], tokenizer="bytes", seq_len=48, tokenize_batch=3,
-                     objective=objective, seed=7)
-    reference = BatchStream(cfg, 3)
+                     objective=objective, seed=7, streams=2)
+    reference = BatchStream(cfg, 4)
     uninterrupted = [next(reference) for _ in range(40)]
-    first = BatchStream(cfg, 3)
+    first = BatchStream(cfg, 4)
     head = [next(first) for _ in range(15)]
-    resumed = BatchStream(cfg, 3)
+    resumed = BatchStream(cfg, 4)
     resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
     tail = [next(resumed) for _ in range(25)]
     for a, b in zip(uninterrupted, head + tail, strict=True):
         assert a.keys() == b.keys()
         assert all(torch.equal(a[k], b[k]) for k in a)
-    other_seed = BatchStream(cfg.model_copy(update={"seed": 8}), 3)
+    other_seed = BatchStream(cfg.model_copy(update={"seed": 8}), 4)
     assert not torch.equal(next(other_seed)["input_ids"], uninterrupted[0]["input_ids"])
 
 

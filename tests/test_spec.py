@@ -106,12 +106,13 @@ def test_cli_bad_input_is_one_paragraph_and_leaves_no_run_dir(tmp_path, small_co
         config = tmp_path / "missing.yaml"
     elif problem == "missing_data":
         overrides = [f"data.sources.0.path={tmp_path / 'no-such-folder'}"]
-    elif problem == "empty_documents":
-        pq.write_table(pa.table({"text": ["", ""]}), tmp_path / "blank.parquet")
-        overrides = [f"data.sources.0.path={tmp_path / 'blank.parquet'}"]
-    elif problem == "empty_file":
-        pq.write_table(pa.table({"text": pa.array([], pa.string())}), tmp_path / "empty.parquet")
-        overrides = [f"data.sources.0.path={tmp_path / 'empty.parquet'}"]
+    elif problem in ("empty_documents", "empty_file"):
+        folder = tmp_path / problem
+        folder.mkdir()
+        texts = ["", ""] if problem == "empty_documents" else pa.array([], pa.string())
+        for shard in range(4):  # one file per logical stream (data.streams = 4)
+            pq.write_table(pa.table({"text": texts}), folder / f"part{shard}.parquet")
+        overrides = [f"data.sources.0.path={folder}"]
     elif problem == "wrong_column":
         overrides = ["data.text_field=body"]
     elif problem == "zero_stage":
