@@ -2,16 +2,23 @@
 
 DeepSpeed's own consolidation (`get_fp32_state_dict_from_zero_checkpoint`) gathers the ZeRO
 partitions into full fp32 weights; `models.hf` wraps zeroray's module as a PreTrainedModel.
+Expert-parallel checkpoints go through DeepSpeed's universal-checkpoint converter instead, and
+come out as the plain model's weights (every expert stacked again).
 """
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import tempfile
+from collections import defaultdict
 from pathlib import Path
 
 import torch
 import yaml
 
+import models
 from launcher.errors import ZerorayError
 from launcher.spec import RunSpec, parse_spec
 from trainer.checkpoint import Checkpoint, CheckpointStore
@@ -43,14 +50,79 @@ def find_checkpoint(run_dir: Path, step: int | None) -> tuple[Checkpoint, RunSpe
 
 
 def consolidated_state_dict(ckpt: Checkpoint, spec: RunSpec) -> dict[str, torch.Tensor]:
-    """Full fp32 weights of the checkpoint, whatever ZeRO stage wrote it."""
+    """Full fp32 weights of the checkpoint under the plain model's names, whatever ZeRO stage and
+    expert parallelism wrote it."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+    if spec.trainer.expert_parallel > 1:
+        return _expert_parallel_state_dict(ckpt, spec)
     if spec.trainer.zero_stage > 0:
         return get_fp32_state_dict_from_zero_checkpoint(str(ckpt.path.parent), tag=ckpt.tag)
     # ZeRO stage 0: the full module is in the model-states file.
     states = torch.load(ckpt.path / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
     return {k: v.float() for k, v in states["module"].items()}
+
+
+# The expert-parallel layer's names for the plain MoELayer's stacked experts (expert_parallel.py).
+_EXPERT_PARALLEL_NAMES = {"w_gate": "experts.w1", "w_up": "experts.w3", "w_down": "experts.w2"}
+
+
+def _expert_parallel_state_dict(ckpt: Checkpoint, spec: RunSpec) -> dict[str, torch.Tensor]:
+    """Every tensor whole, from DeepSpeed's own files rather than by parsing ZeRO shards by hand.
+
+    zero_to_fp32 refuses these checkpoints (ZeRO-1/2: the per-expert files are "not a model state
+    checkpoint"; ZeRO-3: NotImplementedError), and the ZeRO-3 layout of partitioned experts is
+    DeepSpeed's private format. `deepspeed.checkpoint.ds_to_universal` knows both: it writes each
+    parameter whole, in fp32, experts as [E, …]. ZeRO-0 has no optimizer shards for it to read, but
+    needs none: the shared model file and the per-expert files already hold whole weights."""
+    whole = _zero0_tensors(ckpt) if spec.trainer.zero_stage == 0 else _universal_tensors(ckpt)
+    with torch.device("meta"):  # names and shapes only
+        plain = models.build(spec.model)
+    tied = getattr(plain, "tied_parameters", dict)()
+    state = {}
+    for name, like in plain.state_dict().items():
+        if name in tied:
+            continue  # stored once, under the name it shares
+        prefix, _, leaf = name.rpartition(".")
+        source = f"{prefix}.{_EXPERT_PARALLEL_NAMES[leaf]}" if leaf in _EXPERT_PARALLEL_NAMES else name
+        if source not in whole:
+            raise ZerorayError(f"checkpoint {ckpt.path} has no weights for {source} (the model's {name})")
+        state[name] = whole[source].float().reshape(like.shape)  # ZeRO-3 stores non-experts flattened
+    return {**state, **{name: state[shared] for name, shared in tied.items()}}  # as zero_to_fp32 does
+
+
+def _universal_tensors(ckpt: Checkpoint) -> dict[str, torch.Tensor]:
+    with tempfile.TemporaryDirectory(prefix="zeroray-export-") as tmp:
+        out = Path(tmp) / "universal"
+        proc = subprocess.run(
+            [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ckpt.path),
+             "--output_folder", str(out), "--num_extract_workers", "1", "--num_merge_workers", "1"],
+            capture_output=True, text=True,
+        )
+        if proc.returncode != 0:
+            raise ZerorayError(
+                f"DeepSpeed's ds_to_universal could not consolidate {ckpt.path}:\n{(proc.stdout + proc.stderr)[-3000:]}"
+            )
+        whole = {}
+        for d in (out / "zero").iterdir():
+            if (d / "fp32.pt").is_file():
+                saved = torch.load(d / "fp32.pt", map_location="cpu", weights_only=False)
+                whole[d.name] = saved["param"] if isinstance(saved, dict) else saved  # both forms occur
+        return whole
+
+
+def _zero0_tensors(ckpt: Checkpoint) -> dict[str, torch.Tensor]:
+    """The shared weights, plus each `<layer>.experts.wN` stacked from DeepSpeed's per-expert files
+    (`layer_L_expert_E_mp_rank_00_model_states.pt`, keys `<layer>.experts.wN.<E>`)."""
+    whole = dict(torch.load(ckpt.path / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"])
+    experts: dict[str, dict[int, torch.Tensor]] = defaultdict(dict)
+    for f in ckpt.path.glob("layer_*_expert_*_mp_rank_00_model_states.pt"):
+        for key, tensor in torch.load(f, map_location="cpu", weights_only=False).items():
+            prefix, _, expert = key.rpartition(".")
+            experts[prefix][int(expert)] = tensor
+    for prefix, by_id in experts.items():
+        whole[prefix] = torch.stack([by_id[i] for i in range(len(by_id))])
+    return whole
 
 
 def export_hf(run_dir: Path, out_dir: Path, step: int | None = None) -> tuple[Checkpoint, Path]:

@@ -64,10 +64,35 @@ class RunSpec(BaseModel):
                 f"trainer.activation_checkpointing: model {self.model.name!r} does not support it yet; "
                 f"set trainer.activation_checkpointing=false"
             )
+        self._expert_parallel_fits()
         max_len = getattr(self.model, "max_seq_len", None)
         if max_len is not None and self.data.seq_len > max_len:
             raise ValueError(f"data.seq_len ({self.data.seq_len}) exceeds model.max_seq_len ({max_len})")
         return self
+
+    def _expert_parallel_fits(self) -> None:
+        """Every ZeRO stage (0–3) works with expert parallelism; the model, the workers and the
+        experts must split evenly."""
+        ep, workers = self.trainer.expert_parallel, self.cluster.workers
+        if ep == 1:
+            return
+        moe = getattr(self.model, "moe", None)
+        if moe is None:
+            hint = "set model.moe (e.g. model.moe={num_experts: 8}) or " if "moe" in type(self.model).model_fields else ""
+            raise ValueError(
+                f"trainer.expert_parallel={ep} splits MoE layers' experts, but model {self.model.name!r} has no "
+                f"MoE layers; {hint}set trainer.expert_parallel=1"
+            )
+        if workers % ep:
+            raise ValueError(
+                f"cluster.workers ({workers}) must be a multiple of trainer.expert_parallel ({ep}): each group of "
+                f"{ep} ranks holds one copy of every expert"
+            )
+        if moe.num_experts % ep:
+            raise ValueError(
+                f"model.moe.num_experts ({moe.num_experts}) must be divisible by trainer.expert_parallel ({ep}): "
+                f"each of the {ep} ranks of a group holds the same number of experts"
+            )
 
     @property
     def global_batch_size(self) -> int:

@@ -125,8 +125,13 @@ class LlamaModel(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith(("o_proj.weight", "down_proj.weight", "w_down")):
                 nn.init.normal_(p, std=cfg.init_std / math.sqrt(2 * cfg.n_layers))
-        self.moe_layers = [m for m in self.modules() if isinstance(m, MoELayer)]
         self.activation_checkpointing = False
+
+    @property
+    def moe_layers(self) -> list[MoELayer]:
+        """Looked up on every use, not kept from __init__: expert parallelism swaps the layers for
+        their sharded versions after the model is built (models/layers/expert_parallel.py)."""
+        return [m for m in self.modules() if isinstance(m, MoELayer)]
 
     def enable_activation_checkpointing(self) -> None:
         self.activation_checkpointing = True

@@ -74,3 +74,18 @@ def test_convbert_trains_with_replaced_token_detection(ray_local, tiny_config, t
     assert falls(recs, 1.0), [r["loss"] for r in recs]
     assert all(0 < r["rtd/replaced_fraction"] <= 1 for r in recs)  # of the selected positions
     check_export(result.run.root, tmp_path / "hf", last_loss=recs[-1]["loss"])
+
+
+def test_llama_moe_trains_with_expert_parallelism(ray_local, tiny_config, tmp_path):
+    """trainer.expert_parallel=2: each worker holds half of every MoE layer's experts and tokens travel
+    to them by all-to-all; the export is the plain model with every expert, giving the same logits."""
+    recs, result = train(tiny_config, [
+        "model.moe={num_experts: 4, top_k: 2}", "trainer.expert_parallel=2", "trainer.zero_stage=2",
+        "trainer.max_steps=16", "trainer.checkpoint_every=0", "output.name=llama-ep",
+    ])
+    assert falls(recs, 0.3), [r["loss"] for r in recs]
+    for r in recs:  # dropless: 2 layers × 2 workers × 4 × 32 tokens × top-2, each counted once
+        assert sum(r["moe/tokens_per_expert"]) == 2 * 2 * 4 * 32 * 2 and r["moe/dropped_fraction"] == 0
+    step = result.run.root / "checkpoints" / "step_00000016"
+    assert len(list(step.glob("layer_*_expert_*_model_states.pt"))) == 2 * 4  # DeepSpeed saved every expert
+    check_export(result.run.root, tmp_path / "hf", last_loss=recs[-1]["loss"])

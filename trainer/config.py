@@ -19,6 +19,9 @@ class TrainerConfig(BaseModel):
     global_batch_size: int | None = Field(
         None, ge=1, description="Optional check: must equal micro_batch_size × grad_accum_steps × workers."
     )
+    expert_parallel: int = Field(
+        1, ge=1, description="Ranks that split each MoE layer's experts; 1 = every rank holds all experts."
+    )
     activation_checkpointing: bool = Field(
         False, description="Recompute each layer's activations in the backward pass (less memory, ~1/3 more compute)."
     )

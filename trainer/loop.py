@@ -17,6 +17,7 @@ import deepspeed
 import numpy as np
 import torch
 import torch.distributed as dist
+import yaml
 from deepspeed.accelerator import get_accelerator
 
 import models
@@ -102,12 +103,19 @@ def _statistics(model, world: int) -> dict:
     return out
 
 
-def _check_resumable(ckpt: Checkpoint, world: int) -> None:
+def _check_resumable(ckpt: Checkpoint, world: int, expert_parallel: int) -> None:
     if ckpt.world_size != world:
         raise CheckpointError(
             f"checkpoint {ckpt.path} was written by {ckpt.world_size} workers but this run has {world}: "
             f"ZeRO state and data positions are per rank. Set cluster.workers={ckpt.world_size}, or start "
             f"over with --fresh."
+        )
+    saved = yaml.safe_load((ckpt.path / "spec.yaml").read_text())["trainer"].get("expert_parallel", 1)
+    if saved != expert_parallel:
+        raise CheckpointError(
+            f"checkpoint {ckpt.path} was written with trainer.expert_parallel={saved} but this run has "
+            f"{expert_parallel}: experts and their optimizer state are stored per expert-parallel rank. "
+            f"Set trainer.expert_parallel={saved}, or start over with --fresh."
         )
 
 
@@ -120,19 +128,29 @@ def _train(spec: RunSpec, run: RunDir, rank: int, world: int, started: float,
     dist.barrier()
     resume = store.latest()
     if resume is not None:
-        _check_resumable(resume, world)
+        _check_resumable(resume, world, t.expert_parallel)
 
     seed_everything(t.seed)  # identical initial weights on every rank
     model = models.build(spec.model)
     if t.activation_checkpointing:
         model.enable_activation_checkpointing()
+    if t.expert_parallel > 1:
+        # Split the experts of the model just built (same seed: same weights as without), before
+        # DeepSpeed sees the model. Rank r holds slice r % ep, DeepSpeed's default group layout.
+        # Imported here: it needs DeepSpeed's AutoEP module (the pinned 0.19.8), runs without EP do not.
+        from models.layers.expert_parallel import check_engine, shard_experts
+
+        layers = shard_experts(model, t.expert_parallel, rank % t.expert_parallel)
+        log.info("expert parallelism: %d MoE layer(s) split over %d ranks", layers, t.expert_parallel)
     precision = resolve_precision(spec)
     engine, _, _, scheduler = deepspeed.initialize(
         model=model,
         model_parameters=model.param_groups(t.weight_decay),
         config=deepspeed_config(spec, precision),
     )
-    data = BatchStream(spec.data, t.micro_batch_size, rank, world)
+    if t.expert_parallel > 1:
+        check_engine(engine, t.expert_parallel)
+    data = BatchStream(spec.data, t.micro_batch_size, rank, world, grad_accum=t.grad_accum_steps)
     step = 0
     if resume is not None:
         load_path, _ = engine.load_checkpoint(str(store.root), tag=resume.tag)

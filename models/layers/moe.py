@@ -42,12 +42,26 @@ class MoEConfig(BaseModel):
         return self
 
 
+class Router(nn.Linear):
+    """Router logits in fp32 whatever the weights' dtype (bf16 logits would blur the top-k).
+
+    A module with its own forward rather than `F.linear(x, router.weight)` in the MoE layer: under
+    ZeRO-3 a parameter should be used inside its own module's forward, where DeepSpeed gathers it.
+    Still an `nn.Linear`, so initialisation and FLOP counts treat it as one."""
+
+    def __init__(self, d_model: int, num_experts: int):
+        super().__init__(d_model, num_experts, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.float(), self.weight.float())
+
+
 class MoELayer(nn.Module):
     def __init__(self, d_model: int, hidden: int, cfg: MoEConfig):
         super().__init__()
         self.cfg = cfg
         e = cfg.num_experts
-        self.router = nn.Linear(d_model, e, bias=False)
+        self.router = Router(d_model, e)
         self.w_gate = nn.Parameter(torch.empty(e, d_model, hidden))
         self.w_up = nn.Parameter(torch.empty(e, d_model, hidden))
         self.w_down = nn.Parameter(torch.empty(e, hidden, d_model))
@@ -69,7 +83,7 @@ class MoELayer(nn.Module):
         shape = x.shape
         tokens = x.reshape(-1, shape[-1])
         t, e, k = tokens.shape[0], self.cfg.num_experts, self.cfg.top_k
-        logits = F.linear(tokens.float(), self.router.weight.float())  # [T, E] in fp32
+        logits = self.router(tokens)  # [T, E] in fp32
         probs = logits.softmax(dim=-1)
         gate, expert = probs.topk(k, dim=-1)  # [T, k]
 
@@ -85,10 +99,7 @@ class MoELayer(nn.Module):
         order = kept_expert.argsort(stable=True)
         counts = torch.bincount(kept_expert, minlength=e)
         routed = tokens[kept_token[order]]
-        outputs = []
-        for i, chunk in enumerate(routed.split(counts.tolist())):
-            outputs.append((F.silu(chunk @ self.w_gate[i]) * (chunk @ self.w_up[i])) @ self.w_down[i])
-        expert_out = torch.cat(outputs) * kept_gate[order, None].to(x.dtype)
+        expert_out = self.run_experts(routed, counts) * kept_gate[order, None].to(x.dtype)
         y = torch.zeros_like(tokens).index_add_(0, kept_token[order], expert_out)
 
         share = one_hot.float().mean(0)  # fᵢ over all k·T assignments, before drops
@@ -101,6 +112,15 @@ class MoELayer(nn.Module):
             dropped_fraction=1.0 - keep.float().mean().detach(),
         ))
         return y.reshape(shape)
+
+    def run_experts(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Each expert's SwiGLU on its rows: `rows` are sorted by expert, `counts` [E] says how many
+        each has; the outputs come back in the same order. The one step expert parallelism replaces
+        (models/layers/expert_parallel.py), so routing, capacity and losses stay in one place."""
+        outputs = []
+        for i, chunk in enumerate(rows.split(counts.tolist())):
+            outputs.append((F.silu(chunk @ self.w_gate[i]) * (chunk @ self.w_up[i])) @ self.w_down[i])
+        return torch.cat(outputs)
 
 
 @dataclass
