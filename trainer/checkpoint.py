@@ -15,6 +15,8 @@ import logging
 import os
 import random
 import shutil
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +30,7 @@ log = logging.getLogger("zeroray.checkpoint")
 STAGING_PREFIX = ".staging-"
 LATEST = "latest"
 MANIFEST = "manifest.json"
+UNIVERSAL = "universal"  # conversions for a resume on another worker count
 
 
 class CheckpointError(RuntimeError):
@@ -124,8 +127,37 @@ class CheckpointStore:
         except (OSError, ValueError, KeyError):
             return None
 
-    def rank_state(self, ckpt: Checkpoint) -> dict:
-        return torch.load(ckpt.path / f"rank_{self.rank:05d}.pt", weights_only=False)
+    def rank_state(self, ckpt: Checkpoint, rank: int | None = None) -> dict:
+        """Data position and RNG of one rank (default: this one) as the checkpoint saved them."""
+        rank = self.rank if rank is None else rank
+        return torch.load(ckpt.path / f"rank_{rank:05d}.pt", weights_only=False)
+
+    def universal(self, ckpt: Checkpoint) -> Path:
+        """The checkpoint in DeepSpeed's universal format (whole, unpartitioned optimizer state), which
+        loads on any number of ranks. Rank 0 converts with DeepSpeed's own `ds_to_universal`, next to
+        the published checkpoints (never inside one: a published folder is not changed); every rank
+        waits for it. Call on every rank."""
+        out = self.root / UNIVERSAL / ckpt.tag
+        if self.rank == 0 and not (out / "zero").is_dir():
+            shutil.rmtree(out, ignore_errors=True)
+            proc = subprocess.run(
+                [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ckpt.path),
+                 "--output_folder", str(out), "--num_extract_workers", "1", "--num_merge_workers", "1",
+             # Adds the version record DeepSpeed expects a Megatron-style client to have saved.
+             "--inject_missing_state"],
+                capture_output=True, text=True,
+            )
+            if proc.returncode != 0:
+                shutil.rmtree(out, ignore_errors=True)
+                raise CheckpointError(
+                    f"converting {ckpt.path} to DeepSpeed's universal format (to resume on another worker count) "
+                    f"failed:\n{(proc.stdout + proc.stderr)[-2000:]}"
+                )
+        dist.barrier()
+        return out
+
+    def remove_universal(self) -> None:
+        shutil.rmtree(self.root / UNIVERSAL, ignore_errors=True)
 
     # ---- writing --------------------------------------------------------------------------
     def remove_staging(self) -> None:

@@ -21,8 +21,8 @@ import yaml
 from deepspeed.accelerator import get_accelerator
 
 import models
-from data_pipelines import BatchStream
-from launcher.spec import RunSpec
+from data_pipelines import BatchStream, merge_states
+from launcher.spec import RunSpec, parse_spec
 from trainer.checkpoint import Checkpoint, CheckpointError, CheckpointStore, rng_state, set_rng_state
 from trainer.ds_config import deepspeed_config, resolve_precision
 from trainer.run_dir import RunDir
@@ -103,19 +103,32 @@ def _statistics(model, world: int) -> dict:
     return out
 
 
-def _check_resumable(ckpt: Checkpoint, world: int, expert_parallel: int) -> None:
-    if ckpt.world_size != world:
+def _check_resumable(ckpt: Checkpoint, spec: RunSpec, world: int) -> None:
+    """A checkpoint resumes on another worker count when the optimizer step stays the same: the
+    same global batch (gradient accumulation makes up the difference) and the same expert split."""
+    saved = parse_spec(yaml.safe_load((ckpt.path / "spec.yaml").read_text()), origin=str(ckpt.path / "spec.yaml"))
+    t = spec.trainer
+    if saved.trainer.expert_parallel != t.expert_parallel:
         raise CheckpointError(
-            f"checkpoint {ckpt.path} was written by {ckpt.world_size} workers but this run has {world}: "
-            f"ZeRO state and data positions are per rank. Set cluster.workers={ckpt.world_size}, or start "
-            f"over with --fresh."
+            f"checkpoint {ckpt.path} was written with trainer.expert_parallel={saved.trainer.expert_parallel} but "
+            f"this run has {t.expert_parallel}: experts and their optimizer state are stored per expert-parallel "
+            f"rank. Set trainer.expert_parallel={saved.trainer.expert_parallel}, or start over with --fresh."
         )
-    saved = yaml.safe_load((ckpt.path / "spec.yaml").read_text())["trainer"].get("expert_parallel", 1)
-    if saved != expert_parallel:
+    if ckpt.world_size == world:
+        return
+    if saved.global_batch_size != spec.global_batch_size:
+        accum, rest = divmod(saved.global_batch_size, t.micro_batch_size * world)
+        hint = f"trainer.grad_accum_steps={accum}" if accum and not rest else "a micro-batch and accumulation"
         raise CheckpointError(
-            f"checkpoint {ckpt.path} was written with trainer.expert_parallel={saved} but this run has "
-            f"{expert_parallel}: experts and their optimizer state are stored per expert-parallel rank. "
-            f"Set trainer.expert_parallel={saved}, or start over with --fresh."
+            f"checkpoint {ckpt.path} was written by {ckpt.world_size} workers with a global batch of "
+            f"{saved.global_batch_size} rows; this run has {world} workers and {spec.global_batch_size}. To resume "
+            f"on {world} workers keep the global batch: set {hint} (micro-batch × accumulation × workers = "
+            f"{saved.global_batch_size}), or start over with --fresh."
+        )
+    if t.expert_parallel > 1:
+        raise CheckpointError(
+            f"checkpoint {ckpt.path} was written by {ckpt.world_size} workers with expert parallelism; resuming "
+            f"it on {world} workers is not supported yet. Set cluster.workers={ckpt.world_size}."
         )
 
 
@@ -128,7 +141,8 @@ def _train(spec: RunSpec, run: RunDir, rank: int, world: int, started: float,
     dist.barrier()
     resume = store.latest()
     if resume is not None:
-        _check_resumable(resume, world, t.expert_parallel)
+        _check_resumable(resume, spec, world)
+    resized = resume is not None and resume.world_size != world
 
     seed_everything(t.seed)  # identical initial weights on every rank
     model = models.build(spec.model)
@@ -143,24 +157,43 @@ def _train(spec: RunSpec, run: RunDir, rank: int, world: int, started: float,
         layers = shard_experts(model, t.expert_parallel, rank % t.expert_parallel)
         log.info("expert parallelism: %d MoE layer(s) split over %d ranks", layers, t.expert_parallel)
     precision = resolve_precision(spec)
+    ds_config = deepspeed_config(spec, precision)
+    load_root, load_tag = store.root, resume.tag if resume else None
+    if resized and t.zero_stage > 0:
+        # ZeRO partitions the optimizer state per rank: DeepSpeed's universal checkpoint holds it whole,
+        # and loads on any number of ranks (ZeRO-0 keeps it whole already).
+        universal = store.universal(resume)
+        ds_config["checkpoint"] = {"load_universal": True}
+        load_root, load_tag = universal.parent, universal.name
     engine, _, _, scheduler = deepspeed.initialize(
         model=model,
         model_parameters=model.param_groups(t.weight_decay),
-        config=deepspeed_config(spec, precision),
+        config=ds_config,
     )
     if t.expert_parallel > 1:
         check_engine(engine, t.expert_parallel)
     data = BatchStream(spec.data, t.micro_batch_size, rank, world, grad_accum=t.grad_accum_steps)
     step = 0
     if resume is not None:
-        load_path, _ = engine.load_checkpoint(str(store.root), tag=resume.tag)
+        load_path, _ = engine.load_checkpoint(str(load_root), tag=load_tag)
         if load_path is None:
             raise CheckpointError(f"DeepSpeed could not load {resume.path}")
-        state = store.rank_state(resume)
-        data.load_state_dict(state["data"])
-        set_rng_state(state["rng"])
         step = resume.step
-        log.info("resumed from %s at step %d", resume.path, step)
+        if resized:
+            # Every logical data stream continues where it stopped, whichever rank now reads it.
+            data.load_state_dict(merge_states(store.rank_state(resume, r)["data"] for r in range(resume.world_size)))
+            # Per-rank RNG streams cannot carry over to another rank count: new ones, keyed by the step.
+            seed_everything(t.seed + 1000 * (rank + 1) + step)
+            dist.barrier()
+            if rank == 0:
+                store.remove_universal()
+            log.info("resumed from %s (written by %d workers) at step %d on %d workers",
+                     resume.path, resume.world_size, step, world)
+        else:
+            state = store.rank_state(resume)
+            data.load_state_dict(state["data"])
+            set_rng_state(state["rng"])
+            log.info("resumed from %s at step %d", resume.path, step)
     else:
         seed_everything(t.seed + 1000 * (rank + 1))  # per-rank streams for dropout-like draws
 
