@@ -24,8 +24,6 @@ def test_trace_is_the_same_when_the_run_resumes_on_another_worker_count(tiny_con
     assert len(a["steps"]) == 4 and len(set(a["steps"])) == 4
     assert a["steps"] == b["steps"] and a["overall"] == b["overall"]
     assert b["schedule"] == [[0, 2], [2, 1]]
-    reseeded = json.loads(run("data", "trace", tiny_config, "data.seed=5", "--steps", "4", "--json").stdout)
-    assert reseeded["steps"] == a["steps"], "causal windows draw nothing at random"
     bad = run("data", "trace", tiny_config, "--steps", "4", "--resume-at", "2", "--resume-world", "3")
     assert bad.returncode == 2 and "data.streams (4) must be a multiple of the worker count (3)" in bad.stderr
 
