@@ -12,7 +12,15 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializeAsAny,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 import models
 from cluster.config import ClusterConfig
@@ -27,6 +35,16 @@ class OutputConfig(BaseModel):
     dir: str = Field("runs", description="Folder that holds run directories.")
     name: str | None = Field(None, description="Run name (its folder under dir); default: the config file's name.")
     keep_last: int = Field(3, ge=1, description="Checkpoints kept; older ones are deleted after a new one lands.")
+
+    @field_validator("dir")
+    @classmethod
+    def _local_folder(cls, value: str) -> str:
+        if "://" in value:  # would otherwise resolve to a local folder named like the URL
+            raise ValueError(
+                f"{value!r} is a URL; run directories on remote storage are not supported yet. Use a folder "
+                f"every node sees (NFS, EFS, Filestore, a shared volume); docs/clusters.md shows how"
+            )
+        return value
 
     @property
     def run_dir(self) -> Path:

@@ -65,6 +65,7 @@ def test_overrides_parse_yaml_values_and_lists():
         (["data.tokenizer=/no/such/tokenizer.json"], "is not a file"),
         (["cluster.workers=0"], "cluster.workers"),
         (["trainer.precision=fp8"], "trainer.precision"),
+        (["output.dir=s3://bucket/runs"], "output.dir: 's3://bucket/runs' is a URL"),
     ],
 )
 def test_bad_values_name_the_key(tiny_config, overrides, fragment):
