@@ -268,9 +268,9 @@ def cmd_models(args) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    print(f"{'config':<24} {'model':<8} {'params':>9} {'active':>9} {'train FLOPs/token':>18}  description")
+    print(f"{'config':<24} {'model':<16} {'params':>9} {'active':>9} {'train FLOPs/token':>18}  description")
     for r in rows:
-        print(f"{r['config']:<24} {r['model']:<8} {r['params'] / 1e6:>8.2f}M {r['active_params'] / 1e6:>8.2f}M "
+        print(f"{r['config']:<24} {r['model']:<16} {r['params'] / 1e6:>8.2f}M {r['active_params'] / 1e6:>8.2f}M "
               f"{r['flops_per_token']:>18.3e}  {r['summary']}")
     return 0
 
