@@ -18,10 +18,10 @@ Trains on the `span_corruption` objective. Free of any parallelism: DeepSpeed wr
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import ClassVar, Literal
 
 import torch
-import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
@@ -29,7 +29,8 @@ from models.layers.attention import Attention
 from models.layers.gbst import GBST
 from models.layers.mlp import SwiGLU, swiglu_hidden_size
 from models.layers.norms import RMSNorm
-from models.output import ModelOutput
+from models.output import ModelOutput, token_cross_entropy
+from models.parameters import count_parameters, decay_param_groups, init_normal
 from models.registry import register
 
 
@@ -120,7 +121,7 @@ class CharformerModel(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
-        self.apply(self._init_weights)
+        self.apply(partial(init_normal, std=cfg.init_std))
         # GPT-2 / OLMo: projections that write into a residual stream get std / sqrt(writes into that
         # stream): 2 per encoder block (attention, MLP), 3 per decoder block (+ cross-attention).
         for name, p in self.named_parameters():
@@ -128,11 +129,6 @@ class CharformerModel(nn.Module):
                 writes = 2 * cfg.n_encoder_layers if name.startswith("encoder.") else 3 * cfg.n_decoder_layers
                 nn.init.normal_(p, std=cfg.init_std / math.sqrt(writes))
 
-    def _init_weights(self, module: nn.Module) -> None:
-        if isinstance(module, nn.Linear | nn.Embedding | nn.Conv1d):
-            nn.init.normal_(module.weight, std=self.config.init_std)
-            if getattr(module, "bias", None) is not None:
-                nn.init.zeros_(module.bias)
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
                ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -161,17 +157,13 @@ class CharformerModel(nn.Module):
         logits = self.decode(decoder_input_ids, memory, memory_mask)
         loss = None
         if labels is not None:
-            # Cross-entropy in fp32: a bf16 log-softmax loses the small terms.
-            loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+            loss = token_cross_entropy(logits, labels)
         return ModelOutput(loss=loss, logits=logits, aux_losses=None)
 
     # ---- accounting -------------------------------------------------------------------------
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
-        seen = {id(p): p for p in self.parameters()}  # tied weights count once
-        total = sum(p.numel() for p in seen.values())
-        if exclude_embeddings:
-            total -= self.embed.weight.numel()
-        return total
+        total = count_parameters(self)
+        return total - self.embed.weight.numel() if exclude_embeddings else total
 
     def num_active_parameters(self) -> int:
         return self.num_parameters()  # dense: every token passes through every weight
@@ -215,14 +207,8 @@ class CharformerModel(nn.Module):
         return (6.0 * (gbst + encoder + decoder + head) + attention) / length
 
     def param_groups(self, weight_decay: float) -> list[dict]:
-        """nanoGPT's rule: decay every matrix (embeddings and the convolution included), never
-        norms or biases."""
-        unique = {id(p): p for p in self.parameters() if p.requires_grad}.values()
-        decays = {id(p): p.dim() >= 2 for p in unique}
-        return [
-            {"params": [p for p in unique if decays[id(p)]], "weight_decay": weight_decay, "name": "decay"},
-            {"params": [p for p in unique if not decays[id(p)]], "weight_decay": 0.0, "name": "no_decay"},
-        ]
+        """Matrices decay (embeddings and the convolution included), norms and biases do not."""
+        return decay_param_groups(self, weight_decay)
 
 
 register("charformer", CharformerConfig, CharformerModel,

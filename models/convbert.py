@@ -69,7 +69,8 @@ from transformers.models.convbert.modeling_convbert import (
 )
 from transformers.models.electra.modeling_electra import ElectraDiscriminatorPredictions, ElectraSelfAttention
 
-from models.output import ModelOutput
+from models.output import ModelOutput, token_cross_entropy
+from models.parameters import count_parameters, decay_param_groups
 from models.registry import register
 
 IGNORE = -100
@@ -319,8 +320,7 @@ class EncoderPretraining(nn.Module):
             logits = self.mlm(input_ids, attention_mask=attention_mask).logits
             loss = None
             if labels is not None:
-                # Cross-entropy in fp32: bf16 log-softmax over a large vocabulary loses the small terms.
-                loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE)
+                loss = token_cross_entropy(logits, labels)
             return ModelOutput(loss=loss, logits=logits)
         if labels is None:  # inference: which tokens of input_ids look replaced
             return ModelOutput(logits=self.discriminate(input_ids, attention_mask))
@@ -365,7 +365,7 @@ class EncoderPretraining(nn.Module):
 
     # ---- accounting -------------------------------------------------------------------------
     def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())  # parameters() yields shared ones once
+        return count_parameters(self)
 
     def num_active_parameters(self) -> int:
         return self.num_parameters()  # dense: every token passes through every weight
@@ -394,12 +394,7 @@ class EncoderPretraining(nn.Module):
     def param_groups(self, weight_decay: float) -> list[dict]:
         """BERT/ELECTRA's rule: decay weight matrices and embeddings, never LayerNorm or biases (by
         name: the separable convolution's bias is [C, 1])."""
-        named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
-        decays = {n: p.dim() >= 2 and not n.endswith("bias") for n, p in named}
-        return [
-            {"params": [p for n, p in named if decays[n]], "weight_decay": weight_decay, "name": "decay"},
-            {"params": [p for n, p in named if not decays[n]], "weight_decay": 0.0, "name": "no_decay"},
-        ]
+        return decay_param_groups(self, weight_decay, lambda name, p: p.dim() >= 2 and not name.endswith("bias"))
 
 
 class ConvBertPretraining(EncoderPretraining):

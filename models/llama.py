@@ -10,10 +10,10 @@ Free of any parallelism: DeepSpeed wraps it.
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import ClassVar, Literal
 
 import torch
-import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -23,7 +23,8 @@ from models.layers.hyper_connections import HyperConnection
 from models.layers.mlp import SwiGLU, swiglu_hidden_size
 from models.layers.moe import MoEConfig, MoELayer, collect_routing
 from models.layers.norms import RMSNorm
-from models.output import ModelOutput
+from models.output import ModelOutput, token_cross_entropy
+from models.parameters import count_parameters, decay_param_groups, init_normal
 from models.registry import register
 
 
@@ -120,7 +121,7 @@ class LlamaModel(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
-        self.apply(self._init_weights)
+        self.apply(partial(init_normal, std=cfg.init_std))
         # GPT-2 / OLMo: scale the projections that write into the residual stream by 1/sqrt(2L).
         for name, p in self.named_parameters():
             if name.endswith(("o_proj.weight", "down_proj.weight", "w_down")):
@@ -135,12 +136,6 @@ class LlamaModel(nn.Module):
 
     def enable_activation_checkpointing(self) -> None:
         self.activation_checkpointing = True
-
-    def _init_weights(self, module: nn.Module) -> None:
-        if isinstance(module, nn.Linear | nn.Embedding):
-            nn.init.normal_(module.weight, std=self.config.init_std)
-            if getattr(module, "bias", None) is not None:
-                nn.init.zeros_(module.bias)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> ModelOutput:
         if input_ids.shape[1] > self.config.max_seq_len:
@@ -164,8 +159,7 @@ class LlamaModel(nn.Module):
         aux, self._statistics = collect_routing(self.moe_layers)
         loss = None
         if labels is not None:
-            # Cross-entropy in fp32: bf16 log-softmax over a large vocabulary loses the small terms.
-            loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+            loss = token_cross_entropy(logits, labels)
             loss = loss + sum(aux.values()) if aux else loss
         return ModelOutput(loss=loss, logits=logits, aux_losses=aux or None)
 
@@ -179,19 +173,12 @@ class LlamaModel(nn.Module):
 
     # ---- accounting -------------------------------------------------------------------------
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
-        seen = {id(p): p for p in self.parameters()}  # tied weights count once
-        total = sum(p.numel() for p in seen.values())
-        if exclude_embeddings:
-            total -= self.embed.weight.numel()
-        return total
+        total = count_parameters(self)
+        return total - self.embed.weight.numel() if exclude_embeddings else total
 
     def num_active_parameters(self) -> int:
         """Parameters a token passes through: only top_k of each MoE layer's experts."""
-        inactive = 0
-        for m in self.moe_layers:
-            per_expert = (m.w_gate.numel() + m.w_up.numel() + m.w_down.numel()) // m.cfg.num_experts
-            inactive += (m.cfg.num_experts - m.cfg.top_k) * per_expert
-        return self.num_parameters() - inactive
+        return self.num_parameters() - sum(m.inactive_parameters() for m in self.moe_layers)
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token: 6 × multiply-adds per token + attention scores (PaLM appendix B).
@@ -202,20 +189,14 @@ class LlamaModel(nn.Module):
         """
         cfg = self.config
         macs = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
-        macs += sum(m.cfg.top_k * 3 * m.w_gate.shape[1] * m.w_gate.shape[2] for m in self.moe_layers)
+        macs += sum(m.expert_macs_per_token() for m in self.moe_layers)
         macs += sum(m.macs_per_token(cfg.d_model) for m in self.modules() if isinstance(m, HyperConnection))
         attention = 12 * cfg.n_layers * cfg.d_model * seq_len
         return 6.0 * macs + attention
 
     def param_groups(self, weight_decay: float) -> list[dict]:
-        """nanoGPT's rule: decay every matrix (embeddings included), never norms or biases; and
-        never a parameter marked `_no_weight_decay` (the static hyper-connection matrices)."""
-        unique = {id(p): p for p in self.parameters() if p.requires_grad}.values()
-        decays = {id(p): p.dim() >= 2 and not getattr(p, "_no_weight_decay", False) for p in unique}
-        return [
-            {"params": [p for p in unique if decays[id(p)]], "weight_decay": weight_decay, "name": "decay"},
-            {"params": [p for p in unique if not decays[id(p)]], "weight_decay": 0.0, "name": "no_decay"},
-        ]
+        """Matrices decay, norms and the static hyper-connection matrices do not (`matrices_decay`)."""
+        return decay_param_groups(self, weight_decay)
 
 
 register("llama", LlamaConfig, LlamaModel, "Llama-style decoder (RMSNorm, RoPE, SwiGLU, SDPA), dense or MoE: the baseline")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from transformers.utils import ModelOutput as HFModelOutput
 
 
@@ -18,3 +19,9 @@ class ModelOutput(HFModelOutput):
     logits: torch.Tensor | None = None
     aux_losses: dict[str, torch.Tensor] | None = None
     """Auxiliary losses (already included in `loss`), reported separately in the metrics."""
+
+
+def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over the labelled positions (−100 = none), in fp32: a bf16 log-softmax over
+    a large vocabulary loses the small terms."""
+    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)

@@ -18,7 +18,6 @@ import math
 from typing import ClassVar, Literal
 
 import torch
-import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -27,7 +26,8 @@ from models.layers.attention import Attention
 from models.layers.mlp import swiglu_hidden_size
 from models.layers.moe import MoEConfig, MoELayer, collect_routing
 from models.layers.norms import LayerNorm
-from models.output import ModelOutput
+from models.output import ModelOutput, token_cross_entropy
+from models.parameters import count_parameters, decay_param_groups
 from models.registry import register
 
 PAPER_MOE = MoEConfig(num_experts=4, top_k=2, capacity_factor=1.2, aux_loss_coef=0.01, z_loss_coef=0.0)
@@ -116,8 +116,7 @@ class WideNet(nn.Module):
         aux, self._statistics = collect_routing([self.moe])
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
-            loss = loss + sum(aux.values())
+            loss = token_cross_entropy(logits, labels) + sum(aux.values())
         return ModelOutput(loss=loss, logits=logits, aux_losses=aux)
 
     def step_statistics(self) -> dict[str, torch.Tensor]:
@@ -128,12 +127,10 @@ class WideNet(nn.Module):
 
     # ---- accounting -------------------------------------------------------------------------
     def num_parameters(self) -> int:
-        return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())  # shared weights once
+        return count_parameters(self)  # the shared blocks once
 
     def num_active_parameters(self) -> int:
-        e, k = self.config.moe.num_experts, self.config.moe.top_k
-        per_expert = (self.moe.w_gate.numel() + self.moe.w_up.numel() + self.moe.w_down.numel()) // e
-        return self.num_parameters() - (e - k) * per_expert
+        return self.num_parameters() - self.moe.inactive_parameters()
 
     def flops_per_token(self, seq_len: int) -> float:
         """6 × multiply-adds per token, counting every one of the L uses of the shared blocks:
@@ -142,17 +139,12 @@ class WideNet(nn.Module):
         cfg = self.config
         attn = sum(m.weight.numel() for m in self.attn.modules() if isinstance(m, nn.Linear))
         router = self.moe.router.weight.numel()
-        experts = cfg.moe.top_k * 3 * cfg.d_model * cfg.expert_hidden
-        macs = cfg.n_layers * (attn + router + experts) + self.lm_head.weight.numel()
+        macs = cfg.n_layers * (attn + router + self.moe.expert_macs_per_token()) + self.lm_head.weight.numel()
         return 6.0 * macs + 12 * cfg.n_layers * cfg.d_model * seq_len
 
     def param_groups(self, weight_decay: float) -> list[dict]:
         """Decay matrices (embedding, projections, experts), not norms."""
-        unique = {id(p): p for p in self.parameters() if p.requires_grad}.values()
-        return [
-            {"params": [p for p in unique if p.dim() >= 2], "weight_decay": weight_decay, "name": "decay"},
-            {"params": [p for p in unique if p.dim() < 2], "weight_decay": 0.0, "name": "no_decay"},
-        ]
+        return decay_param_groups(self, weight_decay)
 
 
 register("widenet", WideNetConfig, WideNet,

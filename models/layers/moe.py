@@ -74,6 +74,17 @@ class MoELayer(nn.Module):
     def reset(self) -> None:
         self.calls = []
 
+    def parameters_per_expert(self) -> int:
+        return (self.w_gate.numel() + self.w_up.numel() + self.w_down.numel()) // self.cfg.num_experts
+
+    def inactive_parameters(self) -> int:
+        """Expert parameters a token does not pass through: all but top_k experts."""
+        return (self.cfg.num_experts - self.cfg.top_k) * self.parameters_per_expert()
+
+    def expert_macs_per_token(self) -> int:
+        """Multiply-adds of the top_k experts a token passes through (each expert: 3 matrices)."""
+        return self.cfg.top_k * self.parameters_per_expert()
+
     def capacity(self, num_tokens: int) -> int:
         if self.cfg.capacity_factor == 0:
             return num_tokens * self.cfg.top_k  # dropless: room for every assignment
