@@ -50,15 +50,16 @@ def inspect_sources(cfg: DataConfig, docs_per_source: int = 200) -> list[SourceS
     ]
 
 
-def first_batch(cfg: DataConfig, micro_batch: int) -> tuple[dict, float]:
-    """The first micro-batch of worker 0 of a one-worker run, and its share of real (non-pad) tokens."""
-    batch = next(BatchStream(cfg, micro_batch, rank=0, world=1, grad_accum=cfg.streams // micro_batch or 1))
+def first_batch(cfg: DataConfig) -> tuple[dict, float]:
+    """One window from each logical stream (a one-worker step of `data.streams` rows), and its share
+    of real (non-pad) tokens."""
+    batch = next(BatchStream(cfg, cfg.streams, rank=0, world=1))
     mask = batch.get("attention_mask")
     efficiency = 1.0 if mask is None else mask.float().mean().item()
     return batch, efficiency
 
 
-def lines(cfg: DataConfig, micro_batch: int, samples: int = 2) -> list[str]:
+def lines(cfg: DataConfig, samples: int = 2) -> list[str]:
     out = [f"tokenizer: {cfg.tokenizer}   objective: {cfg.objective.kind}   seq_len: {cfg.seq_len}   "
            f"streams: {cfg.streams}"]
     for s in inspect_sources(cfg):
@@ -67,7 +68,7 @@ def lines(cfg: DataConfig, micro_batch: int, samples: int = 2) -> list[str]:
             f"{s.documents} documents sampled ({s.empty} empty), tokens/document mean {s.tokens_per_doc_mean:.0f}, "
             f"median {s.tokens_per_doc_median:.0f}, max {s.tokens_per_doc_max}"
         )
-    batch, efficiency = first_batch(cfg, micro_batch)
+    batch, efficiency = first_batch(cfg)
     shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in batch.items())
     out.append(f"first batch: {shapes}; packing efficiency (real tokens) {efficiency:.1%}")
     tokenizer = load_tokenizer(cfg.tokenizer)

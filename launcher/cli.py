@@ -232,7 +232,7 @@ def cmd_data_inspect(args) -> int:
 
     spec = load_spec(args.config, args.overrides)
     try:
-        print("\n".join(lines(spec.data, spec.data.streams)))
+        print("\n".join(lines(spec.data)))
     except (SourceError, LayoutError) as exc:
         raise ZerorayError(str(exc)) from None
     return 0

@@ -16,7 +16,7 @@ from launcher.progress import Progress
 from launcher.run_prep import preflight_data, prepare_run_dir
 from launcher.spec import RunSpec, parse_spec
 from launcher.trackers import TensorBoardSink
-from trainer.checkpoint import CheckpointStore
+from trainer.checkpoint import CheckpointStore, write_atomic
 from trainer.run_dir import RunDir
 
 
@@ -134,9 +134,7 @@ def write_status(run: RunDir, state: str, started: float, message: str | None = 
     """What `zeroray runs` shows; written atomically so a reader never sees half a file."""
     status = {"status": state, "started": started, "updated": time.time(), "pid": os.getpid(),
               "host": socket.gethostname(), "message": message}
-    tmp = run.status.with_suffix(".tmp")
-    tmp.write_text(json.dumps(status) + "\n")
-    os.replace(tmp, run.status)
+    write_atomic(run.status, json.dumps(status) + "\n")
 
 
 def explain_failure(exc: Exception, run: RunDir) -> str:

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 import socket
 from pathlib import Path
 
+import psutil
 import yaml
 
 from launcher.errors import ZerorayError
@@ -32,23 +32,14 @@ def run_spec(run_dir: Path) -> RunSpec:
 def _status(run: RunDir, step: int, max_steps: int) -> str:
     status = json.loads(run.status.read_text()) if run.status.is_file() else {}
     state = status.get("status")
-    if state == "running" and status.get("host") == socket.gethostname() and not _alive(status.get("pid")):
+    pid = status.get("pid")
+    if state == "running" and status.get("host") == socket.gethostname() and not (
+        isinstance(pid, int) and psutil.pid_exists(pid)
+    ):
         return "stopped"  # the driver died without saying so (killed, machine rebooted)
     if state is None:
         return "finished" if step >= max_steps else "stopped"
     return state
-
-
-def _alive(pid) -> bool:
-    if not isinstance(pid, int):
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def describe(run_dir: Path) -> dict:

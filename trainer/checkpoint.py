@@ -52,7 +52,8 @@ class Checkpoint:
         return self.path.name
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str) -> None:
+    """Replace `path` with `text` in one step: a reader sees the old file or the new one, whole."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
         f.write(text)
@@ -182,11 +183,11 @@ class CheckpointStore:
             files = {str(f.relative_to(stage_dir)): f.stat().st_size for f in stage_dir.rglob("*") if f.is_file()}
             _fsync_tree(stage_dir)
             manifest = {"step": step, "world_size": self.world_size, "files": files}
-            _write_atomic(stage_dir / MANIFEST, json.dumps(manifest, indent=1))
+            write_atomic(stage_dir / MANIFEST, json.dumps(manifest, indent=1))
             if final.exists():  # a re-run of the same step after a crash: replace it
                 shutil.rmtree(final)
             os.replace(stage_dir, final)
-            _write_atomic(self.root / LATEST, tag + "\n")
+            write_atomic(self.root / LATEST, tag + "\n")
             for old in self.published()[:-keep_last]:
                 shutil.rmtree(old.path, ignore_errors=True)
         dist.barrier()
