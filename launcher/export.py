@@ -16,11 +16,10 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-import yaml
 
 import models
 from launcher.errors import ZerorayError
-from launcher.spec import RunSpec, parse_spec
+from launcher.spec import RunSpec, read_spec
 from trainer.checkpoint import Checkpoint, CheckpointStore
 from trainer.run_dir import RunDir
 
@@ -45,7 +44,7 @@ def find_checkpoint(run_dir: Path, step: int | None) -> tuple[Checkpoint, RunSpe
         if not matches:
             raise ZerorayError(f"{run_dir} has no checkpoint at step {step}; it has {[c.step for c in published]}")
         ckpt = matches[0]
-    spec = parse_spec(yaml.safe_load((ckpt.path / "spec.yaml").read_text()), origin=str(ckpt.path / "spec.yaml"))
+    spec = read_spec(ckpt.path / "spec.yaml")
     return ckpt, spec
 
 

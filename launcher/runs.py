@@ -7,10 +7,9 @@ import socket
 from pathlib import Path
 
 import psutil
-import yaml
 
 from launcher.errors import ZerorayError
-from launcher.spec import RunSpec, parse_spec
+from launcher.spec import RunSpec, read_spec
 from trainer.checkpoint import CheckpointStore
 from trainer.run_dir import RunDir
 
@@ -26,7 +25,7 @@ def run_spec(run_dir: Path) -> RunSpec:
     run = RunDir(Path(run_dir))
     if not run.spec.is_file():
         raise ZerorayError(f"{run_dir} is not a zeroray run directory (no spec.yaml); `zeroray runs` lists runs")
-    return parse_spec(yaml.safe_load(run.spec.read_text()), origin=str(run.spec))
+    return read_spec(run.spec)
 
 
 def _status(run: RunDir, step: int, max_steps: int) -> str:

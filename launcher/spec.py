@@ -247,6 +247,11 @@ def read_yaml(path: str | Path) -> dict:
     return raw
 
 
+def read_spec(path: str | Path) -> RunSpec:
+    """A spec zeroray saved (run directory, checkpoint): already resolved, only validated again."""
+    return parse_spec(read_yaml(path), origin=str(path))
+
+
 def load_spec(path: str | Path, overrides: list[str] = ()) -> RunSpec:
     """Config file + overrides → validated RunSpec, with local paths made absolute and the
     model's vocabulary taken from the tokenizer when the config leaves it at 0."""

@@ -17,12 +17,11 @@ import deepspeed
 import numpy as np
 import torch
 import torch.distributed as dist
-import yaml
 from deepspeed.accelerator import get_accelerator
 
 import models
 from data_pipelines import BatchStream, merge_states
-from launcher.spec import RunSpec, parse_spec
+from launcher.spec import RunSpec, read_spec
 from trainer.checkpoint import Checkpoint, CheckpointError, CheckpointStore, rng_state, set_rng_state
 from trainer.ds_config import deepspeed_config, resolve_precision
 from trainer.run_dir import RunDir
@@ -106,7 +105,7 @@ def _statistics(model, world: int) -> dict:
 def _check_resumable(ckpt: Checkpoint, spec: RunSpec, world: int) -> None:
     """A checkpoint resumes on another worker count when the optimizer step stays the same: the
     same global batch (gradient accumulation makes up the difference) and the same expert split."""
-    saved = parse_spec(yaml.safe_load((ckpt.path / "spec.yaml").read_text()), origin=str(ckpt.path / "spec.yaml"))
+    saved = read_spec(ckpt.path / "spec.yaml")
     t = spec.trainer
     if saved.trainer.expert_parallel != t.expert_parallel:
         raise CheckpointError(
