@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Literal
+import re
+from pathlib import PurePosixPath
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from data_pipelines.objectives import CausalObjective, Objective
 
@@ -13,19 +15,58 @@ class LayoutError(ValueError):
     """Workers, batch and logical streams that do not fit together; the message says what to change."""
 
 
+# Suffixes dropped from a path's last component to name a source (data.tar.gz → data).
+_NAME_SUFFIXES = {".parquet", ".jsonl", ".json", ".txt", ".md", ".arrow", ".gz", ".bz2", ".xz", ".zst", ".zstd"}
+
+
 class SourceConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     path: str = Field(
         description="A local file, folder or glob; an fsspec URL (s3://…, memory://…); or a Hub dataset name."
     )
+    name: str | None = Field(
+        None,
+        pattern=r"^[\w.-]+$",
+        description="Name in metrics (`data/tokens/<name>`) and messages; default: the last path component "
+        "without extension (globs skipped: `corpus/web/*.jsonl` → `web`).",
+    )
     format: Literal["auto", "parquet", "json", "text", "arrow"] = Field(
         "auto", description="File format; auto = from the file extensions."
     )
     split: str = Field("train", description="Split to read from a Hub dataset.")
     weight: float = Field(1.0, gt=0, description="Relative sampling weight when several sources are mixed.")
-    storage_options: dict[str, str | int | float | bool] = Field(
-        default_factory=dict, description="Passed to fsspec for URL sources (credentials, endpoint_url, …)."
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Passed to fsspec for URL sources as they are: credentials, `endpoint_url`, and nested "
+        "options such as s3fs's `client_kwargs: {region_name: …}` or `config_kwargs: {connect_timeout: 5, "
+        "read_timeout: 30, retries: {max_attempts: 3}}`.",
+    )
+
+    @property
+    def label(self) -> str:
+        """`name`, or the one derived from the path: what metrics and messages call this source."""
+        if self.name:
+            return self.name
+        parts = [p for p in PurePosixPath(self.path.split("://", 1)[-1]).parts if not re.search(r"[*?\[]", p)]
+        last = PurePosixPath(parts[-1] if parts else "source")
+        while last.suffix in _NAME_SUFFIXES:
+            last = last.with_suffix("")
+        return str(last) or "source"
+
+
+class BadDataConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    policy: Literal["skip", "fail"] = Field(
+        "skip", description="skip: skip and count unusable records (within max_fraction); fail: the first one stops "
+        "the run."
+    )
+    max_fraction: float = Field(
+        0.01, ge=0, le=1, description="Largest share of unusable records a logical stream may read (policy skip)."
+    )
+    min_records: int = Field(
+        200, ge=1, description="Records a logical stream reads before max_fraction is enforced (early noise)."
     )
 
 
@@ -47,7 +88,8 @@ class DataConfig(BaseModel):
         "`{kind: span_corruption, noise_density, mean_span_length}`; the model must support it.",
     )
     seed: int = Field(
-        0, ge=0, description="Seed of the data's random draws: source mixing and the objective's masks."
+        0, ge=0, description="Seed of the data's random draws: source mixing, file order per epoch, the window "
+        "shuffle and the objective's masks."
     )
     streams: int = Field(
         8,
@@ -58,6 +100,48 @@ class DataConfig(BaseModel):
         "shard (file) count must be a multiple of it; it must be a multiple of cluster.workers and divide the "
         "global batch (rows per optimizer step).",
     )
+    bad_data: BadDataConfig = Field(
+        default_factory=BadDataConfig,
+        description="Unusable records (empty documents, malformed JSON, undecodable UTF-8, no text field, unreadable "
+        "files): `{policy: skip|fail, max_fraction: 0.01, min_records: 200}`. Skipped and counted (metrics "
+        "`data/bad/<kind>`); a logical stream whose share of them exceeds max_fraction, once it has read "
+        "min_records records, stops the run naming its sources and counts.",
+    )
+    loader_workers: int = Field(
+        1,
+        ge=0,
+        description="Processes per worker that read and tokenize (torch DataLoader workers; 0 = in the training "
+        "process). Each takes whole logical streams, so it must divide the streams a worker reads "
+        "(data.streams ÷ cluster.workers); the data order does not depend on it.",
+    )
+    shuffle_buffer: int = Field(
+        0,
+        ge=0,
+        description="Windows held per logical stream and emitted in a seeded random order (0 = off). Its contents "
+        "are saved with the data state, so a resume continues exactly; memory and checkpoints grow by "
+        "shuffle_buffer × (seq_len + 1) tokens per stream.",
+    )
+    document_mask: bool = Field(
+        False,
+        description="Causal objective only: batches carry `segment_ids` and the model attends only within each "
+        "packed document (block-diagonal causal mask).",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> DataConfig:
+        if self.document_mask and self.objective.kind != "causal":
+            raise ValueError(
+                f"data.document_mask applies to the causal objective only (data.objective.kind is "
+                f"{self.objective.kind!r}: its windows are not predicted left to right); remove data.document_mask"
+            )
+        labels = [s.label for s in self.sources]
+        doubled = sorted({n for n in labels if labels.count(n) > 1})
+        if doubled:
+            raise ValueError(
+                f"data.sources: several sources are named {', '.join(map(repr, doubled))} (metrics and messages "
+                f"name sources); give each a distinct `name:`"
+            )
+        return self
 
     @property
     def special_tokens(self) -> int:
@@ -83,4 +167,13 @@ class DataConfig(BaseModel):
                 f"reads whole logical streams, so at most {self.streams} workers and only counts that divide "
                 f"{self.streams}. Use a worker count that divides {self.streams}, or (for a new run: it changes "
                 f"the data order) set data.streams to a multiple of {workers}"
+            )
+        owned = self.streams // workers
+        if self.loader_workers and owned % self.loader_workers:
+            fits = [d for d in range(1, owned + 1) if owned % d == 0]
+            raise LayoutError(
+                f"data.loader_workers ({self.loader_workers}) must divide the logical streams each worker reads "
+                f"(data.streams {self.streams} ÷ {workers} worker(s) = {owned}): loader workers are dealt whole "
+                f"streams, as workers are. Set data.loader_workers to one of 0, {', '.join(map(str, fits))} "
+                f"(0 = read in the training process)"
             )

@@ -154,6 +154,13 @@ def _segment(total: int, parts: int, rng: np.random.Generator) -> np.ndarray:
     return np.diff(np.r_[0, cuts, total]).astype(int)
 
 
+def segment_ids(input_ids: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """data.document_mask: which packed document each position of a causal row belongs to, counted from 0 in
+    each row. The end-of-document token belongs to the document it ends; the next position starts another."""
+    ends = (input_ids[:, :-1] == eos_id).long()
+    return torch.cat([torch.zeros_like(input_ids[:, :1]), ends.cumsum(dim=1)], dim=1)
+
+
 Objective = Annotated[
     CausalObjective | MLMObjective | SpanCorruptionObjective, Field(discriminator="kind")
 ]

@@ -1,4 +1,9 @@
-"""Turn a `SourceConfig` into a streaming Hugging Face `IterableDataset` of documents."""
+"""Turn a `SourceConfig` into a streaming Hugging Face `IterableDataset` of documents.
+
+JSON-lines and text files (local or at fsspec URLs) are read by `data_pipelines.readers`, which turns
+unusable records into BAD_COLUMN rows instead of failing the stream; parquet, arrow and Hub datasets go
+through datasets' own builders (their rows are typed: no per-record parse errors to report).
+"""
 
 from __future__ import annotations
 
@@ -7,9 +12,13 @@ import os
 import re
 from pathlib import Path
 
-from datasets import IterableDataset, load_dataset
+import fsspec
+from datasets import Features, IterableDataset, Value, load_dataset
 
 from data_pipelines.config import SourceConfig
+from data_pipelines.readers import BAD_COLUMN, BAD_KINDS, LINE_FORMATS, read_files
+
+__all__ = ["BAD_COLUMN", "BAD_KINDS", "FORMAT_BY_EXTENSION", "SourceError", "open_source"]
 
 FORMAT_BY_EXTENSION = {
     ".parquet": "parquet",
@@ -21,6 +30,7 @@ FORMAT_BY_EXTENSION = {
 }
 # A Hub dataset id: "name" or "owner/name", no extension, no path prefix.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+_GLOB_CHARS = "*?["
 
 
 class SourceError(ValueError):
@@ -35,13 +45,40 @@ def _local_files(path: str) -> list[str]:
     p = Path(path).expanduser()
     if p.is_dir():
         files = [str(f) for f in sorted(p.rglob("*")) if f.suffix in FORMAT_BY_EXTENSION and f.is_file()]
-    elif any(ch in path for ch in "*?["):
+    elif any(ch in path for ch in _GLOB_CHARS):
         files = sorted(f for f in glob.glob(os.path.expanduser(path), recursive=True) if os.path.isfile(f))
     elif p.is_file():
         files = [str(p)]
     else:
         return []
     return files
+
+
+def _url_files(url: str, storage_options: dict) -> list[str]:
+    """The files a URL names (a file, a folder, or a glob), as full URLs in sorted order: each file is
+    one shard, so the logical streams get whole files, the same list on every worker."""
+    try:
+        fs, root = fsspec.core.url_to_fs(url, **storage_options)
+        if any(ch in root for ch in _GLOB_CHARS):
+            found = fs.glob(root, detail=True)
+            paths = [p for p, info in found.items() if info["type"] == "file"]
+        elif fs.isdir(root):
+            paths = [p for p in fs.find(root) if Path(p).suffix in FORMAT_BY_EXTENSION]
+        elif fs.isfile(root):
+            paths = [root]
+        else:
+            paths = []
+    except Exception as exc:  # each filesystem raises its own types (botocore, aiohttp, gcsfs…)
+        raise SourceError(
+            f"data source {url!r}: listing its files failed ({type(exc).__name__}: {exc}). Check the URL and "
+            f"the source's storage_options ({_option_keys(storage_options)}): credentials, endpoint_url, region"
+        ) from None
+    return sorted(fs.unstrip_protocol(p) for p in paths)
+
+
+def _option_keys(storage_options: dict) -> str:
+    # Keys only: the values are credentials and must not reach logs.
+    return "keys: " + ", ".join(sorted(storage_options)) if storage_options else "none given"
 
 
 def _format_of(files: list[str], declared: str, where: str) -> str:
@@ -57,23 +94,30 @@ def _format_of(files: list[str], declared: str, where: str) -> str:
     return formats.pop()
 
 
-def _builder_kwargs(fmt: str) -> dict:
-    # One example per file for plain text: documents must not be split at every newline.
-    return {"sample_by": "document"} if fmt == "text" else {}
+def open_source(src: SourceConfig, text_field: str) -> IterableDataset:
+    """Open one source as a stream of rows (lazy: no data is read here beyond listing files).
 
-
-def open_source(src: SourceConfig) -> IterableDataset:
-    """Open one source as a stream of rows (lazy: no data is read here beyond listing files)."""
-    if _is_url(src.path):
-        fmt = _format_of([src.path.rstrip("*")], src.format, src.path) if src.format == "auto" else src.format
-        return load_dataset(
-            fmt, data_files=src.path, split="train", streaming=True,
-            storage_options=dict(src.storage_options), **_builder_kwargs(fmt),
-        )
-    files = _local_files(src.path)
+    JSON/text sources give rows {text_field, BAD_COLUMN} (see data_pipelines.readers); `text_field` is
+    the JSON key that holds each document's text (data.text_field)."""
+    storage_options = dict(src.storage_options) if _is_url(src.path) else {}
+    files = _url_files(src.path, storage_options) if _is_url(src.path) else _local_files(src.path)
     if files:
         fmt = _format_of(files, src.format, src.path)
-        return load_dataset(fmt, data_files=files, split="train", streaming=True, **_builder_kwargs(fmt))
+        if fmt in LINE_FORMATS:
+            return IterableDataset.from_generator(
+                read_files,
+                features=Features({text_field: Value("string"), BAD_COLUMN: Value("string")}),
+                # `files` is the one list: datasets makes each file a shard.
+                gen_kwargs={"files": files, "fmt": fmt, "text_field": text_field,
+                            "storage_options": storage_options},
+            )
+        return load_dataset(fmt, data_files=files, split="train", streaming=True, storage_options=storage_options)
+    if _is_url(src.path):
+        raise SourceError(
+            f"data source {src.path!r} matches no files (storage_options {_option_keys(storage_options)}). "
+            f"Check the bucket and prefix; a folder URL lists files with the extensions "
+            f"{', '.join(FORMAT_BY_EXTENSION)}"
+        )
     if _HUB_ID.match(src.path) and not Path(src.path).suffix:
         try:
             return load_dataset(src.path, split=src.split, streaming=True)

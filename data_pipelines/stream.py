@@ -1,178 +1,50 @@
 """Packed training batches whose order does not depend on the number of workers.
 
-`datasets` does the heavy lifting: streaming reads, whole-shard splits (`split_dataset_by_node`),
-batched on-the-fly tokenization (`map`) and the position in a stream
-(`IterableDataset.state_dict`). On top of it:
-
 - **Logical streams.** The data is cut into `data.streams` logical streams, a number fixed for the
   life of a run: stream i reads shard subset i of every source (whole shards, so every source's
   shard count must be a multiple of `data.streams`; several sources are mixed inside each stream
-  with a seed of its own), packs its documents into windows and keeps its own position, packing
-  buffer, epoch and window counter.
+  with a seed of its own), packs its documents into windows (optionally shuffled, `shuffle`) and
+  keeps its own position, packing and shuffle buffers, epoch, window counter and record counts
+  (`documents`, `packing`, `accounting`).
 - **Global order.** Optimizer step k takes exactly G / streams consecutive windows from every
   stream (G = rows per step over all workers). Worker w of W reads the streams i with
-  i % W == w, taking its rows round-robin over them (always from the owned stream that has
-  emitted the fewest windows). So the *set* of windows in step k is the same for any worker count;
-  only the order of rows inside a step changes, and a step averages the gradient over all its rows,
-  so that order does not matter.
-- **Objective draws.** The masks and spans of a window are drawn from a generator keyed by
-  (data.seed, stream, window index in the stream): whichever worker reads a window draws the same.
+  i % W == w, taking its rows round-robin over them. So the *set* of windows in step k is the same
+  for any worker count; only the order of rows inside a step changes, and a step averages the
+  gradient over all its rows, so that order does not matter.
+- **Loader workers.** A worker's streams are read and tokenized by `data.loader_workers` DataLoader
+  workers, dealt to them the same way (`loader`); the rows come in the same order as without them.
+- **Random draws.** The masks and spans of a window, and the shuffle's draws, come from generators
+  keyed by (data.seed, stream, window index in the stream): whichever worker reads a window draws
+  the same.
 - **State.** `state_dict()` holds one entry per owned stream and nothing about the worker. A resume
   on any worker count loads the union of all workers' states (`merge_states`); the streams must all
   have emitted the same number of windows, i.e. the state was saved between optimizer steps.
-
-A stream is also the unit that DataLoader workers could later be dealt (as workers deal them to
-ranks), which would keep the same order with off-thread tokenization.
+  The training process keeps each stream's state as of the rows it has taken (loader workers read
+  ahead), so the state saved between two steps is exact.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
-import numpy as np
 import torch
-from datasets import IterableDataset, interleave_datasets
-from datasets.distributed import split_dataset_by_node
 
+from data_pipelines import accounting
+from data_pipelines.accounting import RecordCounts
 from data_pipelines.config import DataConfig
-from data_pipelines.packing import Packer
-from data_pipelines.sources import SourceError, open_source
-from data_pipelines.tokenizer import ByteTokenizer, FileTokenizer, load_tokenizer
+from data_pipelines.documents import EmptyDataError, open_sources
+from data_pipelines.loader import StreamWindows, WorkerFailure, open_items, start_server, window_maker
+from data_pipelines.tokenizer import load_tokenizer
 
+__all__ = ["BatchStream", "EmptyDataError", "StreamStateError", "merge_states"]
 
-class EmptyDataError(SourceError):
-    """A whole pass over a stream's data produced no tokens."""
+STATE_FORMAT = 2
+"""Version of the saved data state; 2: sources are tokenized before they are mixed, counts, shuffle."""
 
 
 class StreamStateError(ValueError):
     """A saved data state that cannot be resumed with this configuration; the message says why."""
-
-
-def stream_datasets(cfg: DataConfig, streams: Iterable[int]) -> dict[int, IterableDataset]:
-    """Documents of each requested logical stream, tokenized on the fly into an `input_ids` column."""
-    sources = [open_source(s) for s in cfg.sources]
-    for src, ds in zip(cfg.sources, sources, strict=True):
-        if ds.num_shards % cfg.streams:
-            raise SourceError(
-                f"data source {src.path!r} has {ds.num_shards} shard(s) (files), which data.streams = "
-                f"{cfg.streams} logical streams cannot share as whole shards: the shard count of every source "
-                f"must be a multiple of data.streams, so that each stream reads its own files whatever the "
-                f"number of workers. Set data.streams to a divisor of {ds.num_shards} (a multiple of the worker "
-                f"count), or write the data as a multiple of {cfg.streams} files "
-                f"(e.g. `zeroray data prepare --shards {cfg.streams}`)"
-            )
-    tokenizer = load_tokenizer(cfg.tokenizer)
-    return {i: _tokenized(cfg, sources, i, tokenizer) for i in streams}
-
-
-def _tokenized(
-    cfg: DataConfig, sources: list[IterableDataset], stream: int, tokenizer: ByteTokenizer | FileTokenizer
-) -> IterableDataset:
-    parts = [split_dataset_by_node(s, rank=stream, world_size=cfg.streams) for s in sources]
-    if len(parts) == 1:
-        docs = parts[0]
-    else:
-        total = sum(s.weight for s in cfg.sources)
-        docs = interleave_datasets(
-            [p.select_columns([cfg.text_field]) for p in parts],
-            probabilities=[s.weight / total for s in cfg.sources],
-            # Each stream mixes with draws of its own: the same whatever worker reads it.
-            seed=int(np.random.SeedSequence((cfg.seed, stream)).generate_state(1)[0]),
-            stopping_strategy="all_exhausted",
-        )
-    text_field = cfg.text_field
-
-    def tokenize(batch: dict) -> dict:
-        if text_field not in batch:
-            raise SourceError(
-                f"data.text_field: the data has no column {text_field!r} (columns: {', '.join(batch)}); "
-                f"set data.text_field to the column that holds the text"
-            )
-        texts = [t for t in batch[text_field] if t]  # empty documents carry no tokens
-        return {"input_ids": tokenizer.encode_batch(texts)}
-
-    # remove_columns=None → drop whatever the source had; the batch size may change (empty docs).
-    return docs.map(tokenize, batched=True, batch_size=cfg.tokenize_batch, remove_columns=_columns(docs))
-
-
-def _columns(ds: IterableDataset) -> list[str] | None:
-    # Parquet/arrow streams know their columns up front; json/text ones may not (None).
-    return list(ds.column_names) if ds.column_names else None
-
-
-class LogicalStream:
-    """One logical stream: its documents packed into windows, with everything a resume needs."""
-
-    def __init__(self, cfg: DataConfig, index: int, tokens: IterableDataset, packer: Packer):
-        self.cfg = cfg
-        self.index = index
-        self.tokens = tokens
-        self.packer = packer
-        self.windows = 0  # windows emitted: with the seed and the index it keys the objective's draws
-        self.epoch = 0
-        self._docs = None  # live iterator over self.tokens; None = the epoch starts afresh
-        self._docs_in_epoch = 0
-        self._loaded_position: dict | None = None  # see state_dict
-
-    def next_window(self) -> tuple[int, list[int]]:
-        """(index of the window in this stream, its tokens)."""
-        while (window := self.packer.pop()) is None:
-            self._read_document()
-        self.windows += 1
-        return self.windows - 1, window
-
-    def _read_document(self) -> None:
-        if self._docs is None:
-            self.tokens.set_epoch(self.epoch)
-            self._docs = iter(self.tokens)
-            self._docs_in_epoch = 0
-        try:
-            example = next(self._docs)
-            self._loaded_position = None
-        except StopIteration:
-            if self._docs_in_epoch == 0:
-                raise EmptyDataError(
-                    f"data: a whole pass over logical stream {self.index} of {self.cfg.streams} (its share of "
-                    f"{', '.join(s.path for s in self.cfg.sources)}) produced no tokens: are its files empty? "
-                    f"Fill them, or use fewer data.streams"
-                ) from None
-            self.epoch += 1
-            self._docs = None
-            return
-        self._docs_in_epoch += 1
-        self.packer.add(example["input_ids"])
-
-    def state_dict(self) -> dict:
-        return {
-            "windows": self.windows,
-            "epoch": self.epoch,
-            "docs_in_epoch": self._docs_in_epoch,
-            # Between epochs there is no position to save: the next epoch starts from its beginning.
-            "position": None if self._docs is None else self._position(),
-            "packer": self.packer.state_dict(),
-        }
-
-    def _position(self) -> dict:
-        # datasets 5.2: until the first example is read after `load_state_dict`, the dataset reports
-        # the start of the epoch, not the loaded position (the iterator applies the state lazily). A
-        # stream resumed and saved again before its next document (one long document spans many
-        # steps) would restart its epoch, so the loaded position is kept until a document is read.
-        if self._loaded_position is not None:
-            return copy.deepcopy(self._loaded_position)
-        return self.tokens.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.windows = state["windows"]
-        self.epoch = state["epoch"]
-        self.packer.load_state_dict(state["packer"])
-        self._docs_in_epoch = state["docs_in_epoch"]
-        self._docs, self._loaded_position = None, None
-        if state["position"] is not None:
-            self.tokens.set_epoch(self.epoch)
-            self.tokens.load_state_dict(state["position"])
-            self._docs = iter(self.tokens)
-            self._loaded_position = copy.deepcopy(state["position"])
 
 
 class BatchStream:
@@ -180,6 +52,7 @@ class BatchStream:
 
     `micro_batch` rows per batch, `grad_accum` batches per optimizer step on each of `world`
     workers: a step holds micro_batch × grad_accum × world rows, whatever mix of the three.
+    Loader workers start with the first batch, so `load_state_dict` before it costs nothing.
     """
 
     def __init__(self, cfg: DataConfig, micro_batch: int, rank: int = 0, world: int = 1, grad_accum: int = 1):
@@ -189,14 +62,21 @@ class BatchStream:
         self.cfg = cfg
         self.micro_batch = micro_batch
         self.rank, self.world = rank, world
-        tokenizer = load_tokenizer(cfg.tokenizer)
-        self.vocab, self.eos_id = tokenizer.vocab_size, tokenizer.eos_id
-        window, stride = cfg.objective.window(cfg.seq_len)
-        owned = range(rank, cfg.streams, world)
-        self.streams = {
-            i: LogicalStream(cfg, i, tokens, Packer(window, stride, self.eos_id))
-            for i, tokens in stream_datasets(cfg, owned).items()
-        }
+        # Here, not only in the loader workers: a wrong path, a missing tokenizer or a source with too few
+        # files fails at once, in the training process.
+        eos_id = load_tokenizer(cfg.tokenizer).eos_id
+        open_sources(cfg)
+        self.owned = list(range(rank, cfg.streams, world))
+        # Each owned stream's state as of the rows taken: the windows' side (packer, shuffle buffer, count)
+        # is packed again here from the documents each item carries; the reader's side comes with the items.
+        self._makers = {i: window_maker(cfg, i, eos_id) for i in self.owned}
+        fresh = {"epoch": 0, "docs_in_epoch": 0, "position": None,
+                 "counts": RecordCounts(len(cfg.sources)).state_dict()}
+        self._readers = {i: copy.deepcopy(fresh) for i in self.owned}
+        self._items: Iterator | None = None
+        self._taken = 0  # rows taken since the items were opened: whose turn it is
+        if cfg.loader_workers:
+            start_server()
 
     def __iter__(self) -> BatchStream:
         return self
@@ -206,21 +86,51 @@ class BatchStream:
         return {k: torch.cat([r[k] for r in rows]) for k in rows[0]}
 
     def _next_row(self) -> dict[str, torch.Tensor]:
-        # Round-robin over the owned streams; the counts alone say whose turn it is, so a resume needs
-        # no cursor and step boundaries fall where every stream has emitted the same number of windows.
-        stream = min(self.streams.values(), key=lambda s: (s.windows, s.index))
-        index, window = stream.next_window()
-        rng = np.random.default_rng((self.cfg.seed, stream.index, index))
-        return self.cfg.objective.rows(
-            np.array([window], dtype=np.int64), self.cfg.seq_len, self.vocab, self.eos_id, rng
-        )
+        if self._items is None:
+            states = {i: self._stream_state(i) for i in self.owned}
+            self._items = open_items(StreamWindows(self.cfg, self.owned, states), self.cfg.loader_workers,
+                                     self.micro_batch)
+            self._taken = 0
+        item = next(self._items)
+        if isinstance(item, WorkerFailure):
+            raise item.error
+        # Round-robin over the owned streams: every stream has emitted as many windows as the others when
+        # the items open (a fresh start, or a state saved between optimizer steps).
+        expected = self.owned[self._taken % len(self.owned)]
+        maker = self._makers[item.stream]
+        for doc in item.docs:
+            maker.add(doc.tolist())
+        packed = maker.next_window()
+        if item.stream != expected or packed is None or packed[0] != item.index:
+            raise RuntimeError(
+                f"data loader out of step: got window {item.index} of stream {item.stream}, expected the next "
+                f"window of stream {expected} ({'none' if packed is None else packed[0]} here); please report"
+            )
+        if item.reader is not None:
+            self._readers[item.stream] = item.reader
+        self._taken += 1
+        return {k: torch.from_numpy(v) for k, v in item.row.items()}
+
+    def metrics(self) -> dict[str, float]:
+        """Cumulative counts of this worker's streams: `data/documents`, `data/tokens/<source>`,
+        `data/bad/<kind>` (every source and kind, so ranks can sum them key by key)."""
+        counts = []
+        for state in self._readers.values():
+            c = RecordCounts(len(self.cfg.sources))
+            c.load_state_dict(state["counts"])
+            counts.append(c)
+        return accounting.metrics(self.cfg, counts)
 
     # ---- resume, on any worker count ------------------------------------------------------
+    def _stream_state(self, i: int) -> dict:
+        return {**copy.deepcopy(self._readers[i]), **self._makers[i].state_dict()}
+
     def state_dict(self) -> dict:
         """JSON-able: the owned streams' states (keys are the stream indices as strings)."""
         return {
+            "format": STATE_FORMAT,
             "num_streams": self.cfg.streams,
-            "streams": {str(i): s.state_dict() for i, s in self.streams.items()},
+            "streams": {str(i): self._stream_state(i) for i in self.owned},
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -231,6 +141,12 @@ class BatchStream:
                 "the saved data state is per worker (written before data.streams existed) and cannot be "
                 "resumed by logical streams; start the run afresh (`--fresh`)"
             )
+        if state.get("format") != STATE_FORMAT:
+            raise StreamStateError(
+                f"the saved data state has format {state.get('format', 1)} and this zeroray reads format "
+                f"{STATE_FORMAT} (sources are now tokenized before they are mixed, so the saved positions do not "
+                f"apply); start the run afresh (`--fresh`), or finish it with the zeroray that started it"
+            )
         if state["num_streams"] != self.cfg.streams:
             raise StreamStateError(
                 f"the saved data state has {state['num_streams']} logical streams but data.streams is "
@@ -238,7 +154,7 @@ class BatchStream:
                 f"{state['num_streams']}"
             )
         saved = {int(i): s for i, s in state["streams"].items()}
-        missing = sorted(set(self.streams) - set(saved))
+        missing = sorted(set(self.owned) - set(saved))
         if missing:
             raise StreamStateError(
                 f"the saved data state lacks logical stream(s) {missing}, which worker {self.rank} of "
@@ -252,20 +168,33 @@ class BatchStream:
                 f"{dict(sorted(windows.items()))}); save the data state between optimizer steps, and merge "
                 f"the states of one checkpoint only"
             )
-        for i, stream in self.streams.items():
-            stream.load_state_dict(saved[i])
+        shuffle_sizes = {(s["shuffle"] or {}).get("size", 0) for s in saved.values()}
+        if shuffle_sizes != {self.cfg.shuffle_buffer}:
+            raise StreamStateError(
+                f"the saved data state has shuffle buffers of {sorted(shuffle_sizes)} window(s) but "
+                f"data.shuffle_buffer is {self.cfg.shuffle_buffer}; it is fixed for the life of a run (the buffers "
+                f"are saved): set it back to {max(shuffle_sizes)}"
+            )
+        for i in self.owned:
+            self._makers[i].load_state_dict(saved[i])
+            self._readers[i] = {k: copy.deepcopy(saved[i][k]) for k in ("epoch", "docs_in_epoch", "position",
+                                                                         "counts")}
+        self._items = None  # (re)opened from these states with the next batch
 
 
 def merge_states(states: Iterable[dict]) -> dict:
     """One data state from the per-worker states of one checkpoint (any worker count)."""
     merged: dict[str, dict] = {}
-    counts = set()
+    counts, formats = set(), set()
     for state in states:
         counts.add(state["num_streams"])
+        formats.add(state.get("format"))
         for i, s in state["streams"].items():
             if str(i) in merged and merged[str(i)] != s:
                 raise StreamStateError(f"two saved data states disagree on logical stream {i}")
             merged[str(i)] = s
     if len(counts) != 1:
         raise StreamStateError(f"the saved data states have different numbers of logical streams: {sorted(counts)}")
-    return {"num_streams": counts.pop(), "streams": dict(sorted(merged.items(), key=lambda kv: int(kv[0])))}
+    if len(formats) != 1:
+        raise StreamStateError(f"the saved data states have different formats: {sorted(map(str, formats))}")
+    return {"format": formats.pop(), "num_streams": counts.pop(), "streams": dict(sorted(merged.items(), key=lambda kv: int(kv[0])))}

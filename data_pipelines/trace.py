@@ -55,6 +55,11 @@ def trace(
     schedule = ((0, world), *sorted((int(at), int(count)) for at, count in resumes))
     if any(not 0 < at < steps for at, _ in schedule[1:]) or len({at for at, _ in schedule}) < len(schedule):
         raise ValueError(f"resume steps {[at for at, _ in schedule[1:]]} must be distinct and in 1..{steps - 1}")
+    for _, count in schedule:
+        cfg.check_layout(global_batch, count)
+    # Every worker is played in this process, so its streams are read here too: loader workers would
+    # give the same rows (tested) and only start processes.
+    cfg = cfg.model_copy(update={"loader_workers": 0})
     fingerprints: list[str] = []
     workers: list[BatchStream] = []
     for n, (start, count) in enumerate(schedule):

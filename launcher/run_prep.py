@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from data_pipelines import BatchStream, LayoutError, SourceError
+from data_pipelines import BatchStream, DataConfig, LayoutError, SourceError
 from launcher.errors import ZerorayError
 from launcher.spec import RunSpec
 from trainer.checkpoint import CheckpointStore
@@ -20,7 +20,9 @@ def preflight_data(spec: RunSpec) -> None:
     missing text column fails here in a second, not inside a worker after the cluster started."""
     try:
         t = spec.trainer
-        stream = BatchStream(spec.data, t.micro_batch_size, rank=0, world=spec.cluster.workers,
+        # In-process (loader_workers=0): one batch does not need a loader worker's start-up.
+        data = spec.data.model_copy(update={"loader_workers": 0})
+        stream = BatchStream(data, t.micro_batch_size, rank=0, world=spec.cluster.workers,
                              grad_accum=t.grad_accum_steps)
         next(stream)
     except (SourceError, LayoutError, FileNotFoundError) as exc:
@@ -55,12 +57,27 @@ def prepare_run_dir(spec: RunSpec, fresh: bool) -> tuple[RunDir, str]:
     return run, status
 
 
+# data keys that change how fast or how strictly the data is read, not which data or in what order.
+_DATA_KEYS_NOT_DEFINING_THE_RUN = ("loader_workers", "tokenize_batch", "bad_data")
+
+
+def _order_defining(section: str, values: dict | None) -> dict | None:
+    """The part of a saved spec section that makes a run what it is. In `data`: without the keys
+    above, and without keys at their default value (a key a newer zeroray added with its default
+    does not make an older run folder another run)."""
+    if section != "data" or values is None:
+        return values
+    defaults = DataConfig(sources=[{"path": "-"}]).model_dump(mode="json")
+    return {k: v for k, v in values.items()
+            if k not in _DATA_KEYS_NOT_DEFINING_THE_RUN and not (k != "sources" and defaults.get(k) == v)}
+
+
 def _refuse_other_run(run: RunDir, spec: RunSpec) -> None:
     if not run.spec.is_file():
         return
     saved = yaml.safe_load(run.spec.read_text()) or {}
     new = spec.to_dict()
-    changed = [k for k in ("model", "data") if saved.get(k) != new[k]]
+    changed = [k for k in ("model", "data") if _order_defining(k, saved.get(k)) != _order_defining(k, new[k])]
     if changed:
         raise ZerorayError(
             f"{run.root} holds checkpoints of a run with a different {' and '.join(changed)} section. "

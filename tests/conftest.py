@@ -35,7 +35,10 @@ def write_config(path: Path, corpus: Path, runs: Path, **sections) -> Path:
     spec = {
         "model": {"name": "llama", "vocab_size": 0, "d_model": 64, "n_layers": 2, "n_heads": 4, "max_seq_len": 64},
         "data": {"sources": [{"path": str(corpus / "train")}], "tokenizer": str(corpus / "tokenizer.json"),
-                 "seq_len": 32, "tokenize_batch": 4, "streams": 4},
+                 "seq_len": 32, "tokenize_batch": 4, "streams": 4,
+                 # In-process reading: each loader worker pays a fork-server start in every
+                 # training process; tests/test_launchers.py runs the default (1 worker).
+                 "loader_workers": 0},
         "trainer": {"zero_stage": 2, "micro_batch_size": 4, "max_steps": 12, "warmup_steps": 2, "lr": 3e-3,
                     "log_every": 1, "checkpoint_every": 6},
         "cluster": {"workers": 2, "cpus_per_worker": 1},

@@ -21,9 +21,11 @@ def jsonl_docs(path, docs):
     return path
 
 
-def byte_config(path, seq_len=16, streams=1, **kw) -> DataConfig:
+def byte_config(path, seq_len=16, streams=1, loader_workers=0, **kw) -> DataConfig:
+    # Read in-process by default: loader workers give the same rows (tests/test_stream_features.py) and
+    # each BatchStream would start processes of its own.
     return DataConfig(sources=[{"path": str(path)}], tokenizer="bytes", seq_len=seq_len, tokenize_batch=3,
-                      streams=streams, **kw)
+                      streams=streams, loader_workers=loader_workers, **kw)
 
 
 def test_packer_keeps_every_token_and_separates_documents():
@@ -107,9 +109,11 @@ def test_state_saved_before_the_first_batch_or_between_epochs_restarts_the_epoch
     cfg = byte_config(two_file_corpus(tmp_path), streams=2)
     fresh = BatchStream(cfg, 4)
     state = fresh.state_dict()
-    assert state == {"num_streams": 2, "streams": {str(i): {"windows": 0, "epoch": 0, "docs_in_epoch": 0,
-                                                            "position": None, "packer": {"buffer": []}}
-                                                   for i in range(2)}}
+    nothing_read = {"documents": [0], "tokens": [0], "bad": [{}]}
+    assert state == {"format": 2, "num_streams": 2,
+                     "streams": {str(i): {"windows": 0, "epoch": 0, "docs_in_epoch": 0, "position": None,
+                                          "packer": {"buffer": []}, "shuffle": None, "counts": nothing_read}
+                                 for i in range(2)}}
     resumed = BatchStream(cfg, 4)
     resumed.load_state_dict(state)
     assert all(torch.equal(x, y) for x, y in zip(take(BatchStream(cfg, 4), 40), take(resumed, 40), strict=True))

@@ -29,7 +29,7 @@ def mixed(tmp_path) -> DataConfig:
     a = write_files(tmp_path / "a", 4, 4, "a")
     b = write_files(tmp_path / "b", 4, 2, "b")
     return DataConfig(sources=[{"path": str(a), "weight": 2}, {"path": str(b)}], tokenizer="bytes",
-                      seq_len=16, tokenize_batch=3, streams=4, seed=3)
+                      seq_len=16, tokenize_batch=3, streams=4, seed=3, loader_workers=0)
 
 
 def test_global_batches_do_not_depend_on_the_worker_count(mixed):
