@@ -3,7 +3,8 @@
 `llama`: pre-norm residual blocks (RMSNorm), rotary positions, SwiGLU MLP, causal SDPA attention,
 grouped-query attention, tied or untied embeddings — the baseline every other model is compared to.
 `hc_llm`: the same blocks with every residual connection replaced by hyper-connections.
-Either takes `moe:` to replace each MLP with a mixture of experts (OLMoE-style).
+Either takes `moe:` to replace each MLP with a mixture of experts (OLMoE-style), and packed rows'
+`segment_ids` to keep attention within each document.
 Free of any parallelism: DeepSpeed wraps it.
 """
 
@@ -18,8 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from models.layers.attention import Attention
-from models.layers.hyper_connections import HyperConnection
+from models.layers.attention import Attention, document_causal_mask
+from models.layers.hyper_connections import HyperConnection, mixing_statistics
 from models.layers.mlp import SwiGLU, swiglu_hidden_size
 from models.layers.moe import MoEConfig, MoELayer, collect_routing
 from models.layers.norms import RMSNorm
@@ -99,12 +100,12 @@ class Block(nn.Module):
             self.hc_attn = HyperConnection(cfg.d_model, cfg.hc_rate, 2 * index, cfg.dynamic)
             self.hc_mlp = HyperConnection(cfg.d_model, cfg.hc_rate, 2 * index + 1, cfg.dynamic)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         if not self.hyper:
-            x = x + self.attn(self.attn_norm(x))
+            x = x + self.attn(self.attn_norm(x), attn_mask=attn_mask)
             return x + self.mlp(self.mlp_norm(x))
         h, carried, beta = self.hc_attn.width(x)
-        x = HyperConnection.depth(self.attn(self.attn_norm(h)), carried, beta)
+        x = HyperConnection.depth(self.attn(self.attn_norm(h), attn_mask=attn_mask), carried, beta)
         h, carried, beta = self.hc_mlp.width(x)
         return HyperConnection.depth(self.mlp(self.mlp_norm(h)), carried, beta)
 
@@ -134,13 +135,28 @@ class LlamaModel(nn.Module):
         their sharded versions after the model is built (models/layers/expert_parallel.py)."""
         return [m for m in self.modules() if isinstance(m, MoELayer)]
 
+    @property
+    def hyper_connections(self) -> list[HyperConnection]:
+        """In order: the k-th hyper-connection (attention of layer k // 2, or its MLP)."""
+        return [m for m in self.modules() if isinstance(m, HyperConnection)]
+
     def enable_activation_checkpointing(self) -> None:
         self.activation_checkpointing = True
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> ModelOutput:
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+                segment_ids: torch.Tensor | None = None) -> ModelOutput:
+        """`segment_ids` [batch, seq]: tokens of one packed document share an id; each token then
+        attends only to earlier tokens of its own document (None: plain causal attention)."""
         if input_ids.shape[1] > self.config.max_seq_len:
             raise ValueError(f"sequence of {input_ids.shape[1]} tokens exceeds model.max_seq_len {self.config.max_seq_len}")
-        for layer in self.moe_layers:
+        mask = None
+        if segment_ids is not None:
+            if segment_ids.shape != input_ids.shape or segment_ids.is_floating_point():
+                raise ValueError(f"segment_ids must be integer ids shaped like input_ids {tuple(input_ids.shape)}, "
+                                 f"got {segment_ids.dtype} {tuple(segment_ids.shape)}")
+            mask = document_causal_mask(segment_ids)  # built once, shared by every layer
+        hyper = self.hyper_connections
+        for layer in (*self.moe_layers, *hyper):
             layer.reset()
         x = self.embed(input_ids)
         rate = self.config.hc_rate
@@ -149,14 +165,15 @@ class LlamaModel(nn.Module):
         for block in self.blocks:
             if self.activation_checkpointing and self.training:
                 # Non-reentrant: works with ZeRO-2/3 hooks and with inputs that need no gradient.
-                x = checkpoint(block, x, use_reentrant=False)
+                x = checkpoint(block, x, mask, use_reentrant=False)
             else:
-                x = block(x)
-        if rate:  # the streams are summed before the final norm
-            x = x.float().sum(-2).to(self.embed.weight.dtype)
+                x = block(x, mask)
+        if rate:  # the streams are summed (in fp32, without an fp32 copy of them) before the final norm
+            x = x.sum(-2, dtype=torch.float32).to(self.embed.weight.dtype)
         logits = self.lm_head(self.norm(x))
         # Snapshot now: a recomputed forward (activation checkpointing) must not count twice.
         aux, self._statistics = collect_routing(self.moe_layers)
+        self._mixing_records = [list(c.calls) for c in hyper]
         loss = None
         if labels is not None:
             loss = token_cross_entropy(logits, labels)
@@ -168,8 +185,9 @@ class LlamaModel(nn.Module):
 
     def step_statistics(self) -> dict[str, torch.Tensor]:
         """Statistics of the last forward pass, by metric name. The trainer sums them over ranks,
-        and averages those whose name ends in `fraction`."""
-        return getattr(self, "_statistics", {})
+        and averages those whose name ends in `_mean` or `fraction`. The hyper-connection ones are
+        reduced here, from the last forward's records, so steps that are not logged pay nothing."""
+        return {**getattr(self, "_statistics", {}), **mixing_statistics(getattr(self, "_mixing_records", []))}
 
     # ---- accounting -------------------------------------------------------------------------
     def num_parameters(self, exclude_embeddings: bool = False) -> int:

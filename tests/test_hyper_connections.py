@@ -112,3 +112,123 @@ def test_every_parameter_of_the_moe_hc_model_gets_a_gradient(dynamic):
     model(ids, labels=ids).loss.backward()
     for name, p in model.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+# ---- the optimised width/depth against the formulation they replace ----------------------------------
+
+
+def reference_width(conn: HyperConnection, streams: torch.Tensor):
+    """The straightforward formulation: normalise, project, tanh, one einsum for both mixes."""
+    h = streams.float()
+    alpha, beta = conn.static_alpha.float(), conn.static_beta.float()
+    if conn.dynamic:
+        normed = conn.norm(streams).float()
+        alpha = conn.dynamic_alpha_scale * torch.tanh(normed @ conn.dynamic_alpha_fn) + alpha
+        beta = conn.dynamic_beta_scale * torch.tanh(normed @ conn.dynamic_beta_fn).squeeze(-1) + beta
+    mixed = torch.einsum("...im,...id->...md", alpha, h)
+    return mixed[..., 0, :].to(streams.dtype), mixed[..., 1:, :], beta, alpha
+
+
+def reference_depth(out: torch.Tensor, carried: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    return (beta.unsqueeze(-1) * out.float().unsqueeze(-2) + carried).to(out.dtype)
+
+
+def perturbed_connection(dynamic: bool, d: int = 16) -> HyperConnection:
+    torch.manual_seed(0)
+    conn = HyperConnection(d, rate=4, index=1, dynamic=dynamic)
+    with torch.no_grad():  # away from the initialisation, where the dynamic part is zero
+        for p in conn.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    return conn
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_optimised_connection_equals_the_reference_in_fp32(dynamic):
+    conn = perturbed_connection(dynamic)
+    sublayer = torch.nn.Linear(16, 16)
+    streams = torch.randn(2, 5, 4, 16, requires_grad=True)
+    inputs = [streams, *conn.parameters(), *sublayer.parameters()]
+    results = []
+    for width, depth in ((conn.width, HyperConnection.depth),
+                         (lambda s: reference_width(conn, s)[:3], reference_depth)):
+        h0, carried, beta = width(streams)
+        out = depth(torch.tanh(sublayer(h0)), carried, beta)
+        # beta also feeds the loss directly, so its gradient path is checked on its own too
+        loss = (out * torch.linspace(-1, 1, 16)).square().sum() + beta.sin().sum()
+        results.append((out, torch.autograd.grad(loss, inputs)))
+    (out, grads), (ref_out, ref_grads) = results
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
+    for got, want in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_mixing_stays_fp32_under_autocast():
+    conn = perturbed_connection(True)
+    streams = torch.randn(2, 5, 4, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h0, carried, beta = conn.width(streams)
+    ref_h0, ref_carried, ref_beta, _ = reference_width(conn, streams)  # fp32, no autocast
+    assert carried.dtype == beta.dtype == torch.float32
+    torch.testing.assert_close(carried, ref_carried, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(beta, ref_beta, rtol=1e-5, atol=1e-5)
+
+
+# ---- mixing statistics --------------------------------------------------------------------------------
+
+
+def recorded_streams(model) -> list[torch.Tensor]:
+    """Wrap every connection's width to keep the streams it received (in model order)."""
+    seen = []
+    for conn in model.hyper_connections:
+        def width(streams, _conn=conn, _original=conn.width):
+            seen.append(streams.detach())
+            return _original(streams)
+        conn.width = width
+    return seen
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_mixing_statistics_match_a_hand_computation_and_survive_checkpointing(dynamic):
+    torch.manual_seed(0)
+    model = models.build(HCLLMConfig(**SHAPE, rate=4, dynamic=dynamic))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "hc_" in name:
+                p.add_(torch.randn_like(p) * 0.2)
+    seen = recorded_streams(model)
+    ids = torch.randint(0, 97, (2, 24))
+    model(ids, labels=ids).loss.backward()
+    stats = model.step_statistics()
+    assert len(seen) == 2 * SHAPE["n_layers"]
+    alphas, betas, dyn_alpha, dyn_beta = [], [], [], []
+    with torch.no_grad():
+        for conn, streams in zip(model.hyper_connections, seen, strict=True):
+            *_, beta, alpha = reference_width(conn, streams)
+            alpha, beta = alpha.expand(2, 24, 4, 5), beta.expand(2, 24, 4)
+            alphas.append(alpha.mean())
+            betas.append(beta.mean())
+            dyn_alpha.append((alpha - conn.static_alpha).abs().mean())
+            dyn_beta.append((beta - conn.static_beta).abs().mean())
+        static_alpha = torch.stack([c.static_alpha.abs().mean() for c in model.hyper_connections]).mean()
+        static_beta = torch.stack([c.static_beta.abs().mean() for c in model.hyper_connections]).mean()
+    expected = {
+        "hc/alpha_mean": torch.stack(alphas).mean(), "hc/beta_mean": torch.stack(betas).mean(),
+        "hc/static_alpha_abs_mean": static_alpha, "hc/static_beta_abs_mean": static_beta,
+        "hc/alpha_per_connection_mean": torch.stack(alphas), "hc/beta_per_connection_mean": torch.stack(betas),
+    }
+    if dynamic:
+        expected["hc/dynamic_alpha_abs_mean"] = torch.stack(dyn_alpha).mean()
+        expected["hc/dynamic_beta_abs_mean"] = torch.stack(dyn_beta).mean()
+        assert expected["hc/dynamic_alpha_abs_mean"] > 1e-4  # the check is not comparing zeros
+    assert set(stats) == set(expected)
+    for name, value in expected.items():
+        torch.testing.assert_close(stats[name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+    # Activation checkpointing: the backward runs every connection once more; the statistics come
+    # from the snapshot taken at the end of the forward, so they are the same.
+    model.enable_activation_checkpointing()
+    model(ids, labels=ids).loss.backward()
+    assert all(len(conn.calls) == 2 for conn in model.hyper_connections)
+    assert all(len(calls) == 1 for calls in model._mixing_records)
+    for name, value in model.step_statistics().items():
+        torch.testing.assert_close(value, stats[name], msg=name)

@@ -1,5 +1,6 @@
 """Multi-head (grouped-query) attention on top of PyTorch SDPA: causal or bidirectional
-self-attention with rotary positions, or cross-attention to an encoder's output."""
+self-attention with rotary positions, or cross-attention to an encoder's output; and the
+per-document mask of packed causal rows."""
 
 from __future__ import annotations
 
@@ -10,10 +11,21 @@ from torch import nn
 from models.layers.rotary import Rotary, apply_rotary
 
 
+def document_causal_mask(segment_ids: torch.Tensor) -> torch.Tensor:
+    """segment_ids [batch, seq] (tokens of one document share an id) → bool [batch, 1, seq, seq]:
+    query i sees key j iff j ≤ i and both belong to the same document. No position reset is needed
+    with it: rotary scores depend only on the query–key distance, which packing does not change."""
+    seq = segment_ids.shape[1]
+    same = segment_ids.unsqueeze(-1) == segment_ids.unsqueeze(-2)
+    return (same & torch.ones(seq, seq, dtype=torch.bool, device=segment_ids.device).tril()).unsqueeze(1)
+
+
 class Attention(nn.Module):
     """`forward(x)`: self-attention (rotary positions when rope_theta is set).
     `forward(x, memory=enc)`: cross-attention; keys/values from `memory`, no rotary (the two
-    sequences' positions are unrelated). `key_padding_mask` [batch, keys], True = a real key."""
+    sequences' positions are unrelated). `key_padding_mask` [batch, keys], True = a real key.
+    `attn_mask` bool [batch, 1, queries, keys], True = may attend, replaces the causal mask (it
+    must include causality itself, as `document_causal_mask` does)."""
 
     def __init__(self, d_model: int, n_heads: int, n_kv_heads: int | None = None,
                  rope_theta: float | None = 10000.0, causal: bool = True, bias: bool = False):
@@ -32,7 +44,7 @@ class Attention(nn.Module):
         self.rotary = Rotary(self.head_dim, rope_theta) if rope_theta else None
 
     def forward(self, x: torch.Tensor, memory: torch.Tensor | None = None,
-                key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+                key_padding_mask: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         b, t, _ = x.shape
         source = x if memory is None else memory
         s = source.shape[1]
@@ -42,13 +54,14 @@ class Attention(nn.Module):
         if self.rotary is not None and memory is None:
             cos, sin = self.rotary.tables(t, x.device)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        causal = self.causal and memory is None
-        mask = None
+        causal = self.causal and memory is None and attn_mask is None
+        mask = attn_mask
         if key_padding_mask is not None:
-            mask = key_padding_mask[:, None, None, :].bool()  # [b, 1, 1, s], broadcast over heads/queries
-            if causal:  # SDPA takes either is_causal or a mask: fold causality into the mask
-                mask = mask & torch.ones(t, s, dtype=torch.bool, device=x.device).tril()
-                causal = False
+            padding = key_padding_mask[:, None, None, :].bool()  # [b, 1, 1, s], broadcast over heads/queries
+            mask = padding if mask is None else mask & padding
+        if mask is not None and causal:  # SDPA takes either is_causal or a mask: fold causality into the mask
+            mask = mask & torch.ones(t, s, dtype=torch.bool, device=x.device).tril()
+            causal = False
         # SDPA picks flash / memory-efficient kernels on GPU and a fused CPU kernel here.
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=self.n_kv_heads != self.n_heads
