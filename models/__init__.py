@@ -1,6 +1,7 @@
 """Model families behind one registry: `models.build(config)`, `models.entry(name)`."""
 
-from models import charformer, convbert, llama, widenet  # noqa: F401  (register the families)
+# convbert_config, not convbert: the transformers-based networks load when one is built.
+from models import charformer, convbert_config, llama, widenet  # noqa: F401  (register the families)
 from models.output import ModelOutput
 from models.registry import build, entry, names
 

@@ -6,6 +6,7 @@ check `model.name` and the model's own keys before anything starts.
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 
 import torch
@@ -16,14 +17,23 @@ from pydantic import BaseModel
 class ModelEntry:
     name: str
     config_cls: type[BaseModel]
-    model_cls: type[torch.nn.Module]
+    model_ref: type[torch.nn.Module] | str
+    """The module class, or "package.module:Class" for a family whose module is costly to import
+    (transformers-based ones): validating a spec needs only the config class."""
     summary: str
+
+    @property
+    def model_cls(self) -> type[torch.nn.Module]:
+        if not isinstance(self.model_ref, str):
+            return self.model_ref
+        module, _, attr = self.model_ref.partition(":")
+        return getattr(importlib.import_module(module), attr)
 
 
 _REGISTRY: dict[str, ModelEntry] = {}
 
 
-def register(name: str, config_cls: type[BaseModel], model_cls: type[torch.nn.Module], summary: str) -> None:
+def register(name: str, config_cls: type[BaseModel], model_cls: type[torch.nn.Module] | str, summary: str) -> None:
     if name in _REGISTRY:
         raise ValueError(f"model {name!r} is registered twice")
     _REGISTRY[name] = ModelEntry(name, config_cls, model_cls, summary)
