@@ -13,6 +13,9 @@ code), where both read from the `shared` table: the two sides speak the same byt
 the sentinels the encoder reads are the ones the decoder writes. Whether the LM head also shares
 it is `tie_embeddings` (T5 1.0 tied, T5 1.1/ByT5 do not; with ~300 byte ids it costs little either way).
 Trains on the `span_corruption` objective. Free of any parallelism: DeepSpeed wraps it.
+
+`gbst: false` is the paper's byte-level baseline (ByT5-style): the same encoder–decoder with the
+bytes going straight into the encoder blocks, one position per byte.
 """
 
 from __future__ import annotations
@@ -50,8 +53,16 @@ class CharformerConfig(BaseModel):
     max_seq_len: int = Field(
         1024, ge=8, description="Longest encoder input in bytes (before downsampling); also caps the decoder input."
     )
+    gbst: bool = Field(
+        True,
+        description="Learn subwords with GBST and downsample; false = the byte-level encoder–decoder baseline: "
+        "bytes go straight into the encoder (downsample must be 1; max_block_size, conv_kernel and "
+        "score_calibration are ignored).",
+    )
     max_block_size: int = Field(4, ge=1, description="GBST's M: candidate subword blocks of 1..M bytes.")
-    downsample: int = Field(2, ge=1, description="GBST's d_s: the encoder blocks see ⌈bytes / d_s⌉ positions.")
+    downsample: int = Field(
+        2, ge=1, description="GBST's d_s: the encoder blocks see ⌈bytes / d_s⌉ positions (1 without GBST)."
+    )
     conv_kernel: int | None = Field(
         None, ge=1, description="Width of GBST's positional convolution; default max_block_size."
     )
@@ -68,6 +79,11 @@ class CharformerConfig(BaseModel):
             raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
         if (self.d_model // self.n_heads) % 2:
             raise ValueError(f"head size d_model/n_heads = {self.d_model // self.n_heads} must be even for rotary")
+        if not self.gbst and self.downsample != 1:
+            raise ValueError(
+                f"downsample ({self.downsample}) needs GBST: without it (gbst: false) the encoder reads every "
+                f"byte; set downsample to 1, or gbst to true"
+            )
         if self.downsample > self.max_seq_len:
             raise ValueError(f"downsample ({self.downsample}) cannot exceed max_seq_len ({self.max_seq_len})")
         return self
@@ -113,7 +129,8 @@ class CharformerModel(nn.Module):
             raise ValueError("model.vocab_size is 0: resolve it from the tokenizer before building the model")
         self.config = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)  # encoder and decoder (T5's `shared`)
-        self.gbst = GBST(cfg.d_model, cfg.max_block_size, cfg.downsample, cfg.conv_kernel, cfg.score_calibration)
+        self.gbst = (GBST(cfg.d_model, cfg.max_block_size, cfg.downsample, cfg.conv_kernel, cfg.score_calibration)
+                     if cfg.gbst else None)
         self.encoder = nn.ModuleList(EncoderBlock(cfg) for _ in range(cfg.n_encoder_layers))
         self.encoder_norm = RMSNorm(cfg.d_model)
         self.decoder = nn.ModuleList(DecoderBlock(cfg) for _ in range(cfg.n_decoder_layers))
@@ -133,7 +150,12 @@ class CharformerModel(nn.Module):
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
                ) -> tuple[torch.Tensor, torch.Tensor]:
         """Bytes [batch, L] → (encoder output [batch, ⌈L/d_s⌉, d], its mask [batch, ⌈L/d_s⌉] bool)."""
-        x, mask, _ = self.gbst(self.embed(input_ids), attention_mask)
+        if self.gbst is not None:
+            x, mask, _ = self.gbst(self.embed(input_ids), attention_mask)
+        else:
+            x = self.embed(input_ids)
+            mask = (torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None
+                    else attention_mask.bool())
         for block in self.encoder:
             x = block(x, mask)
         return self.encoder_norm(x), mask
@@ -184,6 +206,7 @@ class CharformerModel(nn.Module):
         except the cross-attention keys/values × S; the LM head × T. Not counted: the embedding
         lookups, and GBST's means and weighted sum (elementwise, O(M·d) per byte, like the norms).
         Attention: encoder S², decoder self T², cross T·S, per layer.
+        Without GBST (`gbst: false`) there is no GBST term and S = L.
         """
         cfg = self.config
         d, m = cfg.d_model, cfg.max_block_size
@@ -193,9 +216,11 @@ class CharformerModel(nn.Module):
         def weights(module: nn.Module) -> int:
             return sum(x.weight.numel() for x in module.modules() if isinstance(x, nn.Linear))
 
-        gbst = length * self.gbst.conv.weight.numel() + d * sum(-(-length // b) for b in range(1, m + 1))
-        if cfg.score_calibration:
-            gbst += 2 * length * length * m
+        gbst = 0
+        if self.gbst is not None:
+            gbst = length * self.gbst.conv.weight.numel() + d * sum(-(-length // b) for b in range(1, m + 1))
+            if cfg.score_calibration:
+                gbst += 2 * length * length * m
         encoder = short * sum(weights(block) for block in self.encoder)
         decoder = 0
         for block in self.decoder:

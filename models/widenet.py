@@ -6,6 +6,11 @@ which is what lets the shared weights serve different depths. Paper defaults: 4 
 capacity factor 1.2, load-balancing α = 0.01, no router z-loss. The auxiliary loss is summed over
 all L uses of the shared MoE layer.
 
+The paper's baselines are the same network with either half of the idea taken away, so they are
+options here rather than other families: `share: false` gives every layer its own attention and
+FFN (ViT-MoE / an unshared MoE Transformer), `moe: null` makes the FFN one dense SwiGLU of an
+expert's size (ALBERT when shared; a plain Transformer of the same depth, ViT / BERT, when not).
+
 `widenet` is the paper's NLP setting: a bidirectional encoder trained with masked language
 modelling. `widenet_decoder` is the same network with causal attention, trained as a language model.
 Deviations, on purpose: rotary positions instead of learned ones and SwiGLU experts instead of GELU
@@ -15,6 +20,7 @@ FFNs, so that WideNet compares with zeroray's other models on equal terms.
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import ClassVar, Literal
 
 import torch
@@ -23,11 +29,11 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from models.layers.attention import Attention
-from models.layers.mlp import swiglu_hidden_size
+from models.layers.mlp import SwiGLU, swiglu_hidden_size
 from models.layers.moe import MoEConfig, MoELayer, collect_routing
 from models.layers.norms import LayerNorm
 from models.output import ModelOutput, token_cross_entropy
-from models.parameters import count_parameters, decay_param_groups
+from models.parameters import count_parameters, decay_param_groups, init_normal
 from models.registry import register
 
 PAPER_MOE = MoEConfig(num_experts=4, top_k=2, capacity_factor=1.2, aux_loss_coef=0.01, z_loss_coef=0.0)
@@ -41,13 +47,26 @@ class WideNetConfig(BaseModel):
     name: Literal["widenet"] = Field("widenet", description="Model family; `zeroray models` lists them.")
     vocab_size: int = Field(0, ge=0, description="Tokens in the vocabulary; 0 = from the tokenizer and the objective.")
     d_model: int = Field(256, ge=8, description="Hidden width.")
-    n_layers: int = Field(6, ge=1, description="Depth: uses of the shared attention + MoE block, each with its own norms.")
+    n_layers: int = Field(
+        6, ge=1, description="Depth: layers (uses of the shared attention + FFN when share), each with its own norms."
+    )
     n_heads: int = Field(4, ge=1, description="Attention heads.")
-    mlp_multiple_of: int = Field(64, ge=1, description="Each expert's SwiGLU hidden size is rounded up to this.")
+    mlp_multiple_of: int = Field(
+        64, ge=1, description="The SwiGLU hidden size of each expert (or of the dense FFN) is rounded up to this."
+    )
     max_seq_len: int = Field(512, ge=8, description="Longest sequence the model accepts.")
     rope_theta: float = Field(10000.0, gt=0, description="Rotary base frequency.")
     init_std: float = Field(0.02, gt=0, description="Std of the normal initialisation.")
-    moe: MoEConfig = Field(PAPER_MOE, description="The shared MoE layer (paper: 4 experts, top-2, capacity 1.2).")
+    moe: MoEConfig | None = Field(
+        PAPER_MOE,
+        description="The MoE FFN (paper: 4 experts, top-2, capacity 1.2); null = one dense SwiGLU FFN the size "
+        "of one expert (hidden ≈ 8/3·d_model rounded up to mlp_multiple_of), the dense baseline.",
+    )
+    share: bool = Field(
+        True,
+        description="One attention + FFN shared by all layers (WideNet); false = each layer has its own "
+        "(with moe: an unshared MoE Transformer; with moe null: a plain Transformer of the same depth).",
+    )
 
     @model_validator(mode="after")
     def _shapes_fit(self) -> WideNetConfig:
@@ -58,9 +77,12 @@ class WideNetConfig(BaseModel):
         return self
 
     @property
-    def expert_hidden(self) -> int:
-        """Every expert is a whole FFN (as in the paper), not a slice of one."""
-        return self.moe.expert_hidden or swiglu_hidden_size(self.d_model, self.mlp_multiple_of)
+    def ffn_hidden(self) -> int:
+        """SwiGLU hidden size of each expert, or of the dense FFN: every expert is a whole FFN (as
+        in the paper), not a slice of one, so the dense baseline's FFN is one expert."""
+        if self.moe is not None and self.moe.expert_hidden:
+            return self.moe.expert_hidden
+        return swiglu_hidden_size(self.d_model, self.mlp_multiple_of)
 
 
 class WideNetDecoderConfig(WideNetConfig):
@@ -71,38 +93,68 @@ class WideNetDecoderConfig(WideNetConfig):
 
 
 class WideNet(nn.Module):
+    """`attn` and the FFN (`moe`, or `mlp` when dense) are single modules used at every depth when
+    shared, and ModuleLists with one module per depth when not."""
+
     def __init__(self, cfg: WideNetConfig):
         super().__init__()
         if cfg.vocab_size < 1:
             raise ValueError("model.vocab_size is 0: resolve it from the tokenizer before building the model")
         self.config = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.attn = Attention(cfg.d_model, cfg.n_heads, rope_theta=cfg.rope_theta, causal=cfg.causal)
-        self.moe = MoELayer(cfg.d_model, cfg.expert_hidden, cfg.moe)
+
+        def attention() -> nn.Module:
+            return Attention(cfg.d_model, cfg.n_heads, rope_theta=cfg.rope_theta, causal=cfg.causal)
+
+        def ffn() -> nn.Module:
+            if cfg.moe is None:
+                return SwiGLU(cfg.d_model, cfg.ffn_hidden)
+            return MoELayer(cfg.d_model, cfg.ffn_hidden, cfg.moe)
+
+        def per_depth(make) -> nn.Module:
+            return make() if cfg.share else nn.ModuleList(make() for _ in range(cfg.n_layers))
+
+        self.attn = per_depth(attention)
+        if cfg.moe is None:
+            self.mlp = per_depth(ffn)
+        else:
+            self.moe = per_depth(ffn)
         self.attn_norms = nn.ModuleList(LayerNorm(cfg.d_model) for _ in range(cfg.n_layers))
+        # The FFN's norms, dense or MoE (named for WideNet's MoE: checkpoints keep their names).
         self.moe_norms = nn.ModuleList(LayerNorm(cfg.d_model) for _ in range(cfg.n_layers))
         self.norm = LayerNorm(cfg.d_model)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.lm_head.weight = self.embed.weight
-        for module in (self.embed, self.attn.q_proj, self.attn.k_proj, self.attn.v_proj):
-            nn.init.normal_(module.weight, std=cfg.init_std)
-        # The shared projections write into the residual stream L times: scale them like a depth-L stack.
-        nn.init.normal_(self.attn.o_proj.weight, std=cfg.init_std / math.sqrt(2 * cfg.n_layers))
-        nn.init.normal_(self.moe.router.weight, std=cfg.init_std)
-        nn.init.normal_(self.moe.w_down, std=cfg.init_std / math.sqrt(2 * cfg.n_layers))
+        self.apply(partial(init_normal, std=cfg.init_std))
+        # Projections that write into the residual stream are used L times, shared or not:
+        # scale them like a depth-L stack (GPT-2 / OLMo).
+        for name, p in self.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight", "w_down")):
+                nn.init.normal_(p, std=cfg.init_std / math.sqrt(2 * cfg.n_layers))
         self.activation_checkpointing = False
+
+    @property
+    def moe_layers(self) -> list[MoELayer]:
+        """Each distinct MoE layer once (one when shared). Looked up on every use: expert parallelism
+        swaps the layers for their sharded versions after the model is built."""
+        return [m for m in self.modules() if isinstance(m, MoELayer)]
+
+    def _at(self, modules: nn.Module, depth: int) -> nn.Module:
+        return modules if self.config.share else modules[depth]
 
     def enable_activation_checkpointing(self) -> None:
         self.activation_checkpointing = True
 
     def _layer(self, x: torch.Tensor, depth: int) -> torch.Tensor:
-        x = x + self.attn(self.attn_norms[depth](x))
-        return x + self.moe(self.moe_norms[depth](x))
+        x = x + self._at(self.attn, depth)(self.attn_norms[depth](x))
+        ffn = self._at(self.mlp if self.config.moe is None else self.moe, depth)
+        return x + ffn(self.moe_norms[depth](x))
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> ModelOutput:
         if input_ids.shape[1] > self.config.max_seq_len:
             raise ValueError(f"sequence of {input_ids.shape[1]} tokens exceeds model.max_seq_len {self.config.max_seq_len}")
-        self.moe.reset()
+        for layer in self.moe_layers:
+            layer.reset()
         x = self.embed(input_ids)
         for depth in range(self.config.n_layers):
             if self.activation_checkpointing and self.training:
@@ -112,12 +164,14 @@ class WideNet(nn.Module):
             else:
                 x = self._layer(x, depth)
         logits = self.lm_head(self.norm(x))
-        # Summed over all L uses of the shared MoE; snapshot before any recomputation can add calls.
-        aux, self._statistics = collect_routing([self.moe])
+        # Summed over all L uses of the shared MoE (or over the L unshared ones); snapshot before any
+        # recomputation can add calls.
+        aux, self._statistics = collect_routing(self.moe_layers)
         loss = None
         if labels is not None:
-            loss = token_cross_entropy(logits, labels) + sum(aux.values())
-        return ModelOutput(loss=loss, logits=logits, aux_losses=aux)
+            loss = token_cross_entropy(logits, labels)
+            loss = loss + sum(aux.values()) if aux else loss
+        return ModelOutput(loss=loss, logits=logits, aux_losses=aux or None)
 
     def step_statistics(self) -> dict[str, torch.Tensor]:
         return getattr(self, "_statistics", {})
@@ -130,16 +184,25 @@ class WideNet(nn.Module):
         return count_parameters(self)  # the shared blocks once
 
     def num_active_parameters(self) -> int:
-        return self.num_parameters() - self.moe.inactive_parameters()
+        return self.num_parameters() - sum(m.inactive_parameters() for m in self.moe_layers)
 
     def flops_per_token(self, seq_len: int) -> float:
-        """6 × multiply-adds per token, counting every one of the L uses of the shared blocks:
-        attention projections, router, top_k experts; plus the output projection once and the
-        attention scores (QKᵀ and AV, 12·L·d·seq)."""
+        """6 × multiply-adds per token, counting each of the L layers whether its weights are shared
+        or not: attention projections, and the dense FFN or the router + top_k experts; plus the
+        output projection once and the attention scores (QKᵀ and AV, 12·L·d·seq)."""
         cfg = self.config
-        attn = sum(m.weight.numel() for m in self.attn.modules() if isinstance(m, nn.Linear))
-        router = self.moe.router.weight.numel()
-        macs = cfg.n_layers * (attn + router + self.moe.expert_macs_per_token()) + self.lm_head.weight.numel()
+
+        def linear_weights(module: nn.Module) -> int:
+            return sum(m.weight.numel() for m in module.modules() if isinstance(m, nn.Linear))
+
+        macs = self.lm_head.weight.numel()
+        for depth in range(cfg.n_layers):
+            macs += linear_weights(self._at(self.attn, depth))
+            if cfg.moe is None:
+                macs += linear_weights(self._at(self.mlp, depth))
+            else:
+                moe = self._at(self.moe, depth)
+                macs += moe.router.weight.numel() + moe.expert_macs_per_token()
         return 6.0 * macs + 12 * cfg.n_layers * cfg.d_model * seq_len
 
     def param_groups(self, weight_decay: float) -> list[dict]:

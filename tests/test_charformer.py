@@ -151,8 +151,9 @@ def test_weight_decay_groups_cover_each_parameter_once():
 
 @pytest.mark.parametrize(
     "kw",
-    [{}, {"max_block_size": 3, "downsample": 3, "conv_kernel": 5, "score_calibration": True, "tie_embeddings": True}],
-    ids=["default", "calibrated-ds3-k5-tied"],
+    [{}, {"max_block_size": 3, "downsample": 3, "conv_kernel": 5, "score_calibration": True, "tie_embeddings": True},
+     {"gbst": False, "downsample": 1}],
+    ids=["default", "calibrated-ds3-k5-tied", "bytes-no-gbst"],
 )
 def test_flops_per_token_matches_counted_matmuls(kw):
     """FlopCounterMode counts every matmul and convolution of a real forward+backward (the padded
@@ -166,7 +167,7 @@ def test_flops_per_token_matches_counted_matmuls(kw):
         model(**b).loss.backward()
     counts = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
     assert not any("attention" in op for op in counts), counts
-    assert "aten.convolution" in counts
+    assert ("aten.convolution" in counts) == model.config.gbst
     counted = sum(counts.values()) / (2 * 23)
     cfg, length, target = model.config, 23, 9
     short = -(-length // cfg.downsample)
@@ -205,6 +206,26 @@ def test_sequences_longer_than_max_are_refused():
         model(**b)
 
 
+def test_without_gbst_bytes_go_straight_into_the_encoder():
+    """The byte-level baseline: the same encoder–decoder, no GBST weights, one encoder position per
+    byte; padding still masked."""
+    with_gbst, plain = tiny(), tiny(gbst=False, downsample=1)
+    assert plain.gbst is None
+    gbst_params = sum(p.numel() for p in with_gbst.gbst.parameters())
+    assert plain.num_parameters() == with_gbst.num_parameters() - gbst_params
+    b = batch(b=2, length=13, pad_from=9)
+    with torch.no_grad():
+        memory, mask = plain.encode(b["input_ids"], b["attention_mask"])
+        alone, _ = plain.encode(b["input_ids"][1:, :9], None)
+    assert memory.shape[1] == 13 and mask.tolist() == [[True] * 13, [True] * 9 + [False] * 4]
+    torch.testing.assert_close(memory[1:, :9], alone, rtol=1e-4, atol=1e-5)
+    out = plain(**b)
+    out.loss.backward()
+    for name, p in plain.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    assert plain.flops_per_token(256, 48) > with_gbst.flops_per_token(256, 48)  # the encoder sees 2× the positions
+
+
 def test_config_errors_name_the_field():
     with pytest.raises(ValidationError, match=r"d_model \(30\) must be divisible by n_heads \(4\)"):
         CharformerConfig(d_model=30, n_heads=4)
@@ -212,6 +233,25 @@ def test_config_errors_name_the_field():
         CharformerConfig(d_model=36, n_heads=4)
     with pytest.raises(ValidationError, match="conv_kernel"):
         CharformerConfig(conv_kernel=0)
+    with pytest.raises(ValidationError, match=r"downsample \(2\) needs GBST.*set downsample to 1"):
+        CharformerConfig(gbst=False)
+    assert CharformerConfig(gbst=False, downsample=1, max_block_size=7).max_block_size == 7  # ignored, allowed
     with pytest.raises(ValueError, match="vocab_size is 0"):
         build(CharformerConfig())
     assert CharformerConfig.objectives == ("span_corruption",)
+
+
+def test_byte_level_baseline_exports_to_transformers_with_the_same_logits(tmp_path):
+    from transformers import AutoModelForSeq2SeqLM
+
+    from models.hf import ZerorayConfig, wrapper_for
+
+    model = tiny(gbst=False, downsample=1).eval()
+    wrapper, _ = wrapper_for("charformer")
+    hf = wrapper(ZerorayConfig(zeroray_model=model.config.model_dump(mode="json")))
+    hf.model.load_state_dict(model.state_dict())
+    hf.save_pretrained(tmp_path)
+    loaded = AutoModelForSeq2SeqLM.from_pretrained(tmp_path).eval()
+    b = batch()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**b).logits, model(**b).logits)
