@@ -1,14 +1,16 @@
-"""This machine's peak matmul FLOP/s per dtype: the denominator of MFU, measured, not looked up.
+"""This machine's peak matmul FLOP/s per dtype and thread count: the denominator of MFU, measured
+in the same sitting as the runs it divides, not looked up.
 
-Square matmuls of a few sizes on `--threads` threads; the best sustained rate counts as the peak
-(2·n³ FLOPs per n×n×n product). `model_throughput.py` divides each model's achieved FLOP/s by it.
+Square matmuls of a few sizes; the best sustained rate counts as the peak (2·n³ FLOPs per n×n×n
+product). Prints one JSON line: {dtype: {threads: FLOP/s}}.
 
-    .venv/bin/python bench/peak_flops.py [--threads 1]
+    python bench/peak_flops.py THREADS[,THREADS…] DTYPE[,DTYPE…] SECONDS_PER_SIZE
 """
 
 from __future__ import annotations
 
-import argparse
+import json
+import sys
 import time
 
 import torch
@@ -16,7 +18,7 @@ import torch
 SIZES = (1024, 2048, 4096)
 
 
-def matmul_flops_per_s(dtype: torch.dtype, size: int, seconds: float = 1.0) -> float:
+def matmul_flops_per_s(dtype: torch.dtype, size: int, seconds: float) -> float:
     a = torch.randn(size, size, dtype=dtype)
     b = torch.randn(size, size, dtype=dtype)
     a @ b  # warm-up (kernel selection, AMX tile configuration)
@@ -27,21 +29,21 @@ def matmul_flops_per_s(dtype: torch.dtype, size: int, seconds: float = 1.0) -> f
     return 2 * size**3 * runs / elapsed
 
 
-def peak(dtype: torch.dtype) -> dict:
-    rates = {size: matmul_flops_per_s(dtype, size) for size in SIZES}
+def peak(dtype: torch.dtype, seconds: float = 1.0) -> dict:
+    """On the threads torch uses now: {"flop_per_s": best rate, "by_size": {n: rate}}."""
+    rates = {size: matmul_flops_per_s(dtype, size, seconds) for size in SIZES}
     return {"flop_per_s": max(rates.values()), "by_size": rates}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    for dtype in (torch.bfloat16, torch.float32):
-        p = peak(dtype)
-        sizes = ", ".join(f"{n}: {r / 1e9:.0f}" for n, r in p["by_size"].items())
-        print(f"{dtype}: peak {p['flop_per_s'] / 1e9:.0f} GFLOP/s on {args.threads} thread(s) ({sizes})")
+def main(threads: list[int], dtypes: list[str], seconds: float) -> dict[str, dict[str, float]]:
+    out: dict[str, dict[str, float]] = {}
+    for name in dtypes:
+        for n in threads:
+            torch.set_num_threads(n)
+            out.setdefault(name, {})[str(n)] = peak(getattr(torch, name), seconds)["flop_per_s"]
+    return out
 
 
 if __name__ == "__main__":
-    main()
+    threads, dtypes, seconds = sys.argv[1:4]
+    print(json.dumps(main([int(n) for n in threads.split(",")], dtypes.split(","), float(seconds))))

@@ -1,21 +1,28 @@
-"""Where and how the bench scripts store their figures: bench/results/<date>-<kind>.json."""
+"""Where `zeroray bench` stores a sitting: bench/results/<date>[-quick][-only-…].json and the same
+name with .md for the rendered table. A full sitting of every section owns the plain date."""
 
 from __future__ import annotations
 
 import datetime
 import json
-import os
-import platform
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def save(kind: str, result: dict) -> Path:
-    """Write `result` with the date and the machine it ran on; returns the file."""
-    stamped = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
-               "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(), **result}
-    out = RESULTS / f"{datetime.date.today()}-{kind}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(stamped, indent=2) + "\n")
-    return out
+def results_stem(quick: bool, only: list[str] | None) -> str:
+    stem = str(datetime.date.today())
+    if quick:
+        stem += "-quick"
+    if only:
+        stem += "-only-" + "+".join(only)
+    return stem
+
+
+def save(results: dict, markdown: str, out_dir: Path, stem: str) -> tuple[Path, Path]:
+    """Write the results and their table; returns (json path, markdown path)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
+    json_path.write_text(json.dumps(results, indent=2) + "\n")
+    md_path.write_text(markdown)
+    return json_path, md_path
