@@ -8,6 +8,7 @@ import sys
 import traceback
 from pathlib import Path
 
+from launcher import bench_cmd, cluster_cli, jobs
 from launcher.errors import ZerorayError
 
 EPILOG = "Run `zeroray COMMAND --help` for a command's options. Docs: docs/ in the repository."
@@ -129,6 +130,29 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR", help="run directories")
     plot.add_argument("--metric", default="loss", help="metric name from metrics.jsonl (default loss)")
     plot.add_argument("-o", "--output", type=Path, default=Path("plot.png"), help="PNG to write (default plot.png)")
+
+    experiment = sub.add_parser(
+        "experiment", help="compare architectures: every arm × seed trained and evaluated, one results table",
+        description="Run an experiment of configs/experiments/ (hyper-connections, widenet, charformer, convbert): "
+        "every arm × seed through `zeroray train` on one Ray cluster, with the same data and budget, evaluated "
+        "on the held-out split; writes results.md, results.json and eval_loss.png into the experiment's "
+        "directory. Re-running skips the runs that finished. docs/results.md has the latest figures.",
+    )
+    experiment.add_argument("name", metavar="NAME", help="experiment: a file name in configs/experiments/")
+    experiment.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides for every arm")
+    experiment.add_argument("--scale", default="tiny",
+                            help="budget and platform: smoke (3 steps), tiny (this 2-core CPU, 10–20 min), "
+                            "small (one 8-GPU node), base (the papers' shapes on a GPU cluster); default tiny")
+    experiment.add_argument("--seeds", type=int, default=2, help="seeds per arm (trainer.seed 0..N-1; default 2)")
+    experiment.add_argument("--out", type=Path, default=None,
+                            help="experiment directory (default runs/experiments/NAME-SCALE)")
+    experiment.add_argument("--dry-run", action="store_true",
+                            help="print the plan (arms, overrides, sizes, token budget) without training")
+    experiment.add_argument("--progress-interval", type=float, default=30.0, metavar="SECONDS",
+                            help="seconds between progress lines when output is not a terminal (default 30)")
+    jobs.add_commands(sub, _add_config_args)  # submit, sweep, status, logs, stop: Ray jobs on a cluster
+    cluster_cli.add_commands(sub)  # cluster up|down|status
+    bench_cmd.add_commands(sub)  # the performance bench (bench/ of the checkout)
     return parser
 
 
@@ -163,6 +187,12 @@ def cmd_plot(args) -> int:
     plot_runs(args.run_dirs, args.metric, args.output)
     print(f"wrote {args.output} ({args.metric} of {len(args.run_dirs)} run(s))")
     return 0
+
+
+def cmd_experiment(args) -> int:
+    from launcher.experiments import cli
+
+    return cli(args.name, args.scale, args.seeds, args.out, args.dry_run, args.overrides, args.progress_interval)
 
 
 def cmd_export(args) -> int:
@@ -286,6 +316,10 @@ COMMANDS = {
     ("runs", None): cmd_runs,
     ("resume", None): cmd_resume,
     ("plot", None): cmd_plot,
+    ("experiment", None): cmd_experiment,
+    **jobs.COMMANDS,
+    **cluster_cli.COMMANDS,
+    **bench_cmd.COMMANDS,
 }
 
 
@@ -310,7 +344,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides += extra
     action = getattr(args, f"{args.command}_command", None)
-    if args.command in ("train", "config", "export", "resume", "runs", "plot"):
+    if args.command in ("train", "config", "export", "resume", "runs", "plot") or (
+            args.command == "experiment" and not args.dry_run):
         _deepspeed_logs_to_stderr()
     try:
         return COMMANDS[(args.command, action)](args)
