@@ -9,7 +9,7 @@ import traceback
 from pathlib import Path
 
 from launcher import bench_cmd, cluster_cli, jobs
-from launcher.errors import ZerorayError
+from launcher.errors import RunPreempted, ZerorayError
 
 EPILOG = "Run `zeroray COMMAND --help` for a command's options. Docs: docs/ in the repository."
 
@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     runs = sub.add_parser(
         "runs", help="list runs: model, status, step, last loss",
         description="List the run directories under a folder (default runs/) with model, status (running, "
-        "finished, failed, interrupted, stopped), step, latest checkpoint and last loss.",
+        "finished, failed, interrupted, preempted, stopped), step, latest checkpoint and last loss.",
     )
     runs.add_argument("--dir", type=Path, default=Path("runs"), help="folder of run directories (default runs/)")
     runs.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -274,7 +274,7 @@ def cmd_data_trace(args) -> int:
     from launcher.spec import load_spec
 
     spec = load_spec(args.config, args.overrides)
-    world = args.world or spec.cluster.workers
+    world = args.world or spec.cluster.max_workers
     resumes = []
     if args.resume_at is not None:
         resumes.append((args.resume_at, args.resume_world or world))
@@ -349,6 +349,9 @@ def main(argv: list[str] | None = None) -> int:
         _deepspeed_logs_to_stderr()
     try:
         return COMMANDS[(args.command, action)](args)
+    except RunPreempted as exc:  # a stop on request, with a checkpoint: not an error
+        print(f"zeroray: {exc}", file=sys.stderr)
+        return 143  # 128 + SIGTERM, what a shell reports for a process ended by the signal
     except ZerorayError as exc:
         if args.debug:
             traceback.print_exc()

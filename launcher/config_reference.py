@@ -15,9 +15,9 @@ import models
 from cluster.config import ClusterConfig
 from data_pipelines.config import DataConfig, SourceConfig
 from data_pipelines.objectives import CausalObjective, MLMObjective, SpanCorruptionObjective
-from launcher.spec import OutputConfig
+from launcher.spec import EvalConfig, OutputConfig
 from models.layers.moe import MoEConfig
-from trainer.config import TrainerConfig
+from trainer.config import DebugConfig, TrainerConfig
 
 
 def _type_name(annotation) -> str:
@@ -59,7 +59,10 @@ def render() -> str:
         parts.append(section_table(f"data.objective (kind: {kind})", objective))
     parts.append(section_table("trainer", TrainerConfig))
     parts.append(section_table("cluster", ClusterConfig))
+    parts.append(section_table("eval", EvalConfig, "Loss on held-out data, in the metrics records as `eval/loss` and "
+                               "`eval/perplexity`.\n"))
     parts.append(section_table("output", OutputConfig))
+    parts.append(section_table("debug", DebugConfig, "Failure injection for zeroray's own tests (docs/fault_tolerance.md); never set in a real run.\n"))
     return "\n".join(parts)
 
 

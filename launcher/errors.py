@@ -7,3 +7,7 @@ class ZerorayError(Exception):
 
 class SpecError(ZerorayError):
     """The run spec (YAML plus overrides) is invalid."""
+
+
+class RunPreempted(ZerorayError):
+    """The run stopped on request (SIGTERM, a stop file) after a checkpoint; the message says how to resume."""

@@ -1,7 +1,8 @@
 """Driver-side progress: follows the run's metrics file while the workers train.
 
-A tqdm bar on a terminal; otherwise one plain, parseable line at most every `interval_s`
-(CI logs, nohup): `step=120/300 loss=4.1234 tokens_per_s=12345 eta_s=80`.
+A tqdm bar on a terminal; otherwise one plain, parseable line of key=value pairs at most every
+`interval_s` (CI logs, nohup): `step=120/300 loss=4.1234 lr=0.003 tokens_per_s=12345 mfu=0.0412 eta_s=80`,
+with `eval/loss=…` on evaluation steps; mfu and eval/loss appear only when the record has them.
 """
 
 from __future__ import annotations
@@ -17,10 +18,13 @@ from pathlib import Path
 def format_line(rec: dict) -> str:
     remaining = rec["max_steps"] - rec["step"]
     eta = remaining * rec["step_time_s"]
-    return (
-        f"step={rec['step']}/{rec['max_steps']} loss={rec['loss']:.4f} lr={rec['lr']:.3g} "
-        f"tokens_per_s={rec['tokens_per_s']:.0f} eta_s={eta:.0f}"
-    )
+    pairs = [f"step={rec['step']}/{rec['max_steps']}", f"loss={rec['loss']:.4f}", f"lr={rec['lr']:.3g}",
+             f"tokens_per_s={rec['tokens_per_s']:.0f}"]
+    if rec.get("mfu") is not None:
+        pairs.append(f"mfu={rec['mfu']:.3g}")
+    if rec.get("eval/loss") is not None:
+        pairs.append(f"eval/loss={rec['eval/loss']:.4f}")
+    return " ".join([*pairs, f"eta_s={eta:.0f}"])
 
 
 def _terminal_columns(stream) -> int:
@@ -48,6 +52,7 @@ class Progress:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._bar = None
+        self._eval_loss: float | None = None
         if _terminal_columns(self.stream) > 0:
             from tqdm import tqdm
 
@@ -86,7 +91,14 @@ class Progress:
     def _show(self, rec: dict) -> None:
         if self._bar is not None:
             self._bar.n = rec["step"]
-            self._bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}", refresh=False)
+            shown = {"loss": f"{rec['loss']:.4f}", "tok_s": f"{rec['tokens_per_s']:.0f}"}
+            if rec.get("mfu") is not None:
+                shown["mfu"] = f"{rec['mfu']:.1%}"
+            if rec.get("eval/loss") is not None:
+                self._eval_loss = rec["eval/loss"]
+            if self._eval_loss is not None:  # the latest evaluation stays on the bar until the next
+                shown["eval_loss"] = f"{self._eval_loss:.4f}"
+            self._bar.set_postfix(shown, refresh=False)
             self._bar.refresh()
             return
         now = time.monotonic()

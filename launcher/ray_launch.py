@@ -10,21 +10,40 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from cluster.local import ray_cluster, worker_env
-from launcher.errors import ZerorayError
+from cluster.local import ray_cluster, scaling_config, worker_env
+from launcher.errors import RunPreempted, ZerorayError
 from launcher.progress import Progress
 from launcher.run_prep import preflight_data, prepare_run_dir
 from launcher.spec import RunSpec, parse_spec
-from launcher.trackers import TensorBoardSink
+from launcher.trackers import open_trackers
 from trainer.checkpoint import CheckpointStore, write_atomic
+from trainer.evaluation import held_out_batches
+from trainer.preemption import DriverStop
 from trainer.run_dir import RunDir
 
 
 def _train_worker(config: dict) -> None:
     """Ray Train's per-worker entry point (module level, so it pickles by reference)."""
+    import ray.train
+
     from trainer.loop import train
 
-    train(parse_spec(config["spec"], origin="spec sent by the driver"), on_checkpoint=_report_to_ray)
+    spec = parse_spec(config["spec"], origin="spec sent by the driver")
+    _record_placement(RunDir(spec.output.run_dir), ray.train.get_context())
+    train(spec, on_checkpoint=_report_to_ray)
+
+
+def _record_placement(run: RunDir, context) -> None:
+    """One line per rank and attempt: where each rank ran (Ray node), for `cluster.placement` and for
+    following restarts and resizes. One file per rank: appends from several nodes to one file on NFS
+    can overwrite each other."""
+    import ray
+
+    line = {"time": time.time(), "rank": context.get_world_rank(), "world": context.get_world_size(),
+            "node_id": ray.get_runtime_context().get_node_id(), "host": socket.gethostname(), "pid": os.getpid()}
+    run.logs.mkdir(parents=True, exist_ok=True)
+    with open(run.logs / f"placement_rank_{line['rank']}.jsonl", "a") as f:
+        f.write(json.dumps(line) + "\n")
 
 
 POINTER_FILE = "zeroray_checkpoint.json"
@@ -68,11 +87,13 @@ class LaunchResult:
 
 def launch(spec: RunSpec, fresh: bool = False, ray_temp_dir: str | None = None, progress_interval_s: float = 10.0,
            announce=print) -> LaunchResult:
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, TrainingFailedError
     from ray.train.torch import TorchConfig, TorchTrainer
 
     started = time.time()
-    preflight_data(spec)
+    preflight_data(spec.sized_for(spec.cluster.max_workers))
+    if spec.eval.sources:
+        held_out_batches(spec, 0, spec.cluster.max_workers)  # a wrong eval path fails here, not in a worker
     run, status = prepare_run_dir(spec, fresh)
     announce(status)
     latest = CheckpointStore(run.checkpoints, 0, 1).latest()
@@ -85,11 +106,7 @@ def launch(spec: RunSpec, fresh: bool = False, ray_temp_dir: str | None = None, 
         _train_worker,
         train_loop_config={"spec": spec.to_dict()},
         torch_config=TorchConfig(backend="nccl" if c.gpus_per_worker else "gloo"),
-        scaling_config=ScalingConfig(
-            num_workers=c.workers,
-            use_gpu=bool(c.gpus_per_worker),
-            resources_per_worker={"CPU": c.cpus_per_worker, **({"GPU": c.gpus_per_worker} if c.gpus_per_worker else {})},
-        ),
+        scaling_config=scaling_config(c),
         run_config=RunConfig(
             # Ray's run folder is zeroray's run directory: the checkpoints registered with Ray
             # must lie inside it, and there is one folder per run to find, move or delete.
@@ -100,16 +117,18 @@ def launch(spec: RunSpec, fresh: bool = False, ray_temp_dir: str | None = None, 
             worker_runtime_env={"env_vars": worker_env(c)},
         ),
     )
-    tensorboard = TensorBoardSink(run.tensorboard)
+    trackers = open_trackers(spec, run)
     write_status(run, "running", started)
     try:
         with ray_cluster(c, temp_dir=ray_temp_dir) as where:
-            announce(f"training on {c.workers} worker(s) of the {where}; per-rank logs in {run.logs}")
+            workers = f"{c.min_workers} to {c.max_workers}" if c.elastic else c.workers
+            announce(f"training on {workers} worker(s) of the {where}; per-rank logs in {run.logs}")
             progress = Progress(run.metrics, latest.step if latest else 0, spec.trainer.max_steps,
-                                progress_interval_s, sinks=(tensorboard,))
+                                progress_interval_s, sinks=(trackers,))
             with progress:
                 try:
-                    ray_result = trainer.fit()
+                    with DriverStop(run.root, spec.trainer.preemption_grace_s, announce) as stop:
+                        ray_result = trainer.fit()
                 except TrainingFailedError as exc:
                     message = explain_failure(exc, run)
                     write_status(run, "failed", started, message)
@@ -118,7 +137,11 @@ def launch(spec: RunSpec, fresh: bool = False, ray_temp_dir: str | None = None, 
         write_status(run, "interrupted", started)
         raise
     finally:
-        tensorboard.close()
+        trackers.close()
+    stopped = stop.stopped_early(CheckpointStore(run.checkpoints, 0, 1).latest(), spec.trainer.max_steps)
+    if stopped:
+        write_status(run, "preempted", started, stopped)
+        raise RunPreempted(stopped)
     write_status(run, "finished", started)
     return LaunchResult(
         run=run,

@@ -8,8 +8,9 @@ pydantic's errors into messages that name the key, the value and what is allowed
 from __future__ import annotations
 
 import difflib
+import inspect
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import (
@@ -24,9 +25,9 @@ from pydantic import (
 
 import models
 from cluster.config import ClusterConfig
-from data_pipelines.config import DataConfig
+from data_pipelines.config import DataConfig, SourceConfig
 from launcher.errors import SpecError
-from trainer.config import TrainerConfig
+from trainer.config import DebugConfig, TrainerConfig, check_elastic_batch
 
 
 class OutputConfig(BaseModel):
@@ -35,6 +36,22 @@ class OutputConfig(BaseModel):
     dir: str = Field("runs", description="Folder that holds run directories.")
     name: str | None = Field(None, description="Run name (its folder under dir); default: the config file's name.")
     keep_last: int = Field(3, ge=1, description="Checkpoints kept; older ones are deleted after a new one lands.")
+    trackers: tuple[Literal["tensorboard", "wandb", "mlflow"], ...] = Field(
+        ("tensorboard",),
+        description="Where the driver sends the metrics records besides metrics.jsonl: tensorboard (event files "
+        "in `RUN_DIR/tensorboard`), wandb (an offline run in `RUN_DIR/wandb` unless $WANDB_MODE says otherwise; "
+        "`wandb sync` uploads it), mlflow (output.mlflow_uri). A tracker that fails logs a warning; training "
+        "goes on.",
+    )
+    project: str | None = Field(
+        None,
+        description="W&B project and MLflow experiment of the run; default $WANDB_PROJECT (W&B) or "
+        "$MLFLOW_EXPERIMENT_NAME (MLflow), else 'zeroray'. The tracker run is named after the run directory; "
+        "W&B reads its entity from $WANDB_ENTITY.",
+    )
+    mlflow_uri: str | None = Field(
+        None, description="MLflow tracking URI (a server, or sqlite:///…); default `file:RUN_DIR/mlruns`."
+    )
 
     @field_validator("dir")
     @classmethod
@@ -51,6 +68,30 @@ class OutputConfig(BaseModel):
         return Path(self.dir) / (self.name or "run")
 
 
+class EvalConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    sources: tuple[SourceConfig, ...] = Field(
+        (),
+        description="Held-out data, in the shape of data.sources (e.g. the val/ folder `zeroray data prepare` "
+        "writes); it goes through the run's tokenizer and objective. Empty = no evaluation.",
+    )
+    every: int = Field(0, ge=0, description="Steps between evaluations; 0 = only after the last step.")
+    batches: int = Field(
+        4, ge=1, description="Micro-batches (trainer.micro_batch_size rows) each rank evaluates; every evaluation "
+        "reads the same first windows of the held-out data."
+    )
+
+    @model_validator(mode="after")
+    def _has_data(self) -> EvalConfig:
+        if self.every and not self.sources:
+            raise ValueError(
+                f"eval.every={self.every} but eval.sources is empty: add the held-out data, e.g. "
+                f"eval.sources=[{{path: data/stdlib/val}}], or drop eval.every"
+            )
+        return self
+
+
 class RunSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -58,13 +99,17 @@ class RunSpec(BaseModel):
     data: DataConfig
     trainer: TrainerConfig = TrainerConfig()
     cluster: ClusterConfig = ClusterConfig()
+    eval: EvalConfig = EvalConfig()
     output: OutputConfig = OutputConfig()
+    debug: DebugConfig = DebugConfig()
 
     @model_validator(mode="after")
     def _sections_agree(self) -> RunSpec:
         t, c = self.trainer, self.cluster
-        per_step = t.micro_batch_size * t.grad_accum_steps * c.workers
-        if t.global_batch_size is not None and t.global_batch_size != per_step:
+        per_step = self.global_batch_size
+        if c.elastic:
+            check_elastic_batch(t, c.workers, self.data.check_layout)
+        elif t.global_batch_size is not None and t.global_batch_size != per_step:
             raise ValueError(
                 f"trainer.global_batch_size ({t.global_batch_size}) != trainer.micro_batch_size "
                 f"({t.micro_batch_size}) × trainer.grad_accum_steps ({t.grad_accum_steps}) × cluster.workers "
@@ -81,6 +126,12 @@ class RunSpec(BaseModel):
             raise ValueError(
                 f"trainer.activation_checkpointing: model {self.model.name!r} does not support it yet; "
                 f"set trainer.activation_checkpointing=false"
+            )
+        if self.data.document_mask and "segment_ids" not in inspect.signature(
+                models.entry(self.model.name).model_cls.forward).parameters:
+            raise ValueError(
+                f"data.document_mask: model {self.model.name!r} cannot mask attention by document (llama and "
+                f"hc_llm can); set data.document_mask=false"
             )
         self._expert_parallel_fits()
         max_len = getattr(self.model, "max_seq_len", None)
@@ -114,7 +165,21 @@ class RunSpec(BaseModel):
 
     @property
     def global_batch_size(self) -> int:
+        if self.cluster.elastic:
+            return self.trainer.global_batch_size  # required with a range of workers
         return self.trainer.micro_batch_size * self.trainer.grad_accum_steps * self.cluster.workers
+
+    def sized_for(self, world: int) -> RunSpec:
+        """The spec as it runs on `world` workers: a range of workers becomes that count, with the gradient
+        accumulation that keeps trainer.global_batch_size. A fixed count is returned as it is."""
+        t, c = self.trainer, self.cluster
+        if not c.elastic:
+            return self
+        if not c.min_workers <= world <= c.max_workers:
+            raise SpecError(f"{world} workers started, outside cluster.workers [{c.min_workers}, {c.max_workers}]")
+        accum = t.global_batch_size // (t.micro_batch_size * world)
+        return self.model_copy(update={"trainer": t.model_copy(update={"grad_accum_steps": accum}),
+                                       "cluster": c.model_copy(update={"workers": world})})
 
     @property
     def tokens_per_step(self) -> int:
@@ -141,7 +206,7 @@ class RunSpec(BaseModel):
 def parse_spec(raw: Any, origin: str = "config") -> RunSpec:
     """Validate a plain dict (from YAML, or a saved spec) into a RunSpec."""
     if not isinstance(raw, dict):
-        raise SpecError(f"{origin}: the top level must be a mapping with model, data, trainer, cluster, output")
+        raise SpecError(f"{origin}: the top level must be a mapping with model, data, trainer, cluster, eval, output")
     model_raw = raw.get("model")
     if not isinstance(model_raw, dict) or "name" not in model_raw:
         raise SpecError(f"{origin}: model.name is required; known models: {', '.join(models.names())}")
@@ -297,5 +362,8 @@ def resolve(spec: RunSpec) -> RunSpec:
                 f"set model.vocab_size to 0 to take it from the tokenizer"
             )
     output = spec.output.model_copy(update={"dir": str(Path(spec.output.dir).expanduser().resolve())})
-    return parse_spec({**spec.to_dict(), "model": model.model_dump(mode="json"),
-                       "data": data.model_dump(mode="json"), "output": output.model_dump(mode="json")})
+    held_out = spec.eval.model_copy(
+        update={"sources": tuple(s.model_copy(update={"path": _absolute(s.path)}) for s in spec.eval.sources)}
+    )
+    return parse_spec({**spec.to_dict(), "model": model.model_dump(mode="json"), "data": data.model_dump(mode="json"),
+                       "eval": held_out.model_dump(mode="json"), "output": output.model_dump(mode="json")})

@@ -6,6 +6,7 @@ by hand to produce the damaged states a crash or a bad disk leaves behind.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 
@@ -16,7 +17,8 @@ def publish(root, step: int, payload: bytes = b"weights") -> None:
     folder = root / tag_for(step)
     folder.mkdir(parents=True)
     (folder / "model.pt").write_bytes(payload)
-    (folder / MANIFEST).write_text(json.dumps({"step": step, "world_size": 2, "files": {"model.pt": len(payload)}}))
+    (folder / MANIFEST).write_text(json.dumps({"step": step, "world_size": 2, "files": {"model.pt": len(payload)},
+                                               "sha256": {"model.pt": hashlib.sha256(payload).hexdigest()}}))
     (root / "latest").write_text(tag_for(step) + "\n")
 
 
@@ -36,6 +38,19 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, ca
         latest = CheckpointStore(tmp_path, 0, 2).latest()
     assert latest.step == 10
     assert "incomplete or damaged" in caplog.text and tag_for(20) in caplog.text
+
+
+def test_a_shard_damaged_in_place_is_caught_by_its_checksum(tmp_path, caplog):
+    publish(tmp_path, 10)
+    publish(tmp_path, 20)
+    (tmp_path / tag_for(20) / "model.pt").write_bytes(b"weightz")  # same size, other bytes
+    store = CheckpointStore(tmp_path, 0, 1)
+    assert store.latest().step == 20, "sizes alone do not see it"
+    with caplog.at_level(logging.WARNING, logger="zeroray.checkpoint"):
+        assert store.verified_latest().step == 10
+    assert "model.pt do not match the checksums" in caplog.text and tag_for(20) in caplog.text
+    (tmp_path / tag_for(10) / "model.pt").write_bytes(b"w" * 7)
+    assert store.verified_latest() is None, "no whole checkpoint left: start from step 0"
 
 
 def test_half_written_folders_are_never_chosen_and_are_removed(tmp_path):

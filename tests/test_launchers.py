@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -16,7 +17,8 @@ from tests.export_check import check_export
 
 pytestmark = pytest.mark.slow
 
-LINE = re.compile(r"^step=(\d+)/(\d+) loss=([\d.]+) lr=(\S+) tokens_per_s=(\d+) eta_s=(\d+)$")
+LINE = re.compile(r"^step=(\d+)/(\d+) loss=([\d.]+) lr=(\S+) tokens_per_s=(\d+)(?: mfu=(\S+))?(?: eval/loss=([\d.]+))? "
+                  r"eta_s=(\d+)$")
 
 
 def _env(tmp_path: Path) -> dict:
@@ -25,18 +27,41 @@ def _env(tmp_path: Path) -> dict:
     return env
 
 
-def test_zeroray_train_cli_zero0_prints_parseable_progress_and_a_summary(tiny_config, tmp_path):
+def test_zeroray_train_cli_zero0_prints_parseable_progress_and_a_summary(tiny_config, small_corpus, tmp_path,
+                                                                         monkeypatch):
+    """Also: evaluation on the held-out split, MFU, memory per rank and the MLflow tracker."""
     zeroray = shutil.which("zeroray", path=str(Path(sys.executable).parent)) or "zeroray"
     proc = subprocess.run(
         [zeroray, "train", str(tiny_config), "trainer.zero_stage=0", "trainer.max_steps=4", "trainer.warmup_steps=1",
-         "trainer.checkpoint_every=0", "output.name=cli", "--progress-interval", "0"],
+         "trainer.checkpoint_every=0", "output.name=cli", "--progress-interval", "0",
+         f"eval.sources=[{{path: {small_corpus / 'val'}}}]", "eval.every=3", "eval.batches=1",
+         "output.trackers=[tensorboard, mlflow]"],
         capture_output=True, text=True, env=_env(tmp_path), timeout=240,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     progress = [LINE.match(line) for line in proc.stderr.splitlines() if line.startswith("step=")]
     assert progress and all(progress), proc.stderr[-2000:]
     assert [int(m.group(1)) for m in progress] == [1, 2, 3, 4]  # log_every=1, interval 0: every record
+    assert [m.group(7) is not None for m in progress] == [False, False, True, True]  # eval every 3 and at the end
     run = tmp_path / "runs" / "cli"
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "eval/loss" in r] == [3, 4]
+    for r in records:
+        assert 0 < r["mfu"] <= 1 and float(progress[r["step"] - 1].group(6)) == pytest.approx(r["mfu"], rel=1e-2)
+        assert len(r["memory/peak_gb"]) == 2 and all(0.05 < gb < 64 for gb in r["memory/peak_gb"])
+    assert records[-1]["eval/perplexity"] == pytest.approx(math.exp(records[-1]["eval/loss"]))
+    assert records[-1]["data/documents"] > 0
+    # MLflow's file store in the run directory holds the same records (read with its own client).
+    from mlflow.tracking import MlflowClient
+
+    from launcher.trackers import scalars
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    mlflow_id = json.loads((run / "trackers.json").read_text())["mlflow"]
+    client = MlflowClient(tracking_uri=f"file:{run / 'mlruns'}")
+    for name in ("loss", "eval/loss", "mfu", "memory/peak_gb/1"):
+        expected = {r["step"]: scalars(r)[name] for r in records if name in scalars(r)}
+        assert {m.step: m.value for m in client.get_metric_history(mlflow_id, name)} == pytest.approx(expected)
     assert f"run directory: {run}" in proc.stdout
     assert "first optimizer step" in proc.stdout
     assert (run / "checkpoints" / "step_00000004" / "manifest.json").is_file()

@@ -66,6 +66,7 @@ def test_overrides_parse_yaml_values_and_lists():
         (["cluster.workers=0"], "cluster.workers"),
         (["trainer.precision=fp8"], "trainer.precision"),
         (["output.dir=s3://bucket/runs"], "output.dir: 's3://bucket/runs' is a URL"),
+        (["model.name=widenet_decoder", "data.document_mask=true"], "data.document_mask: model 'widenet_decoder'"),
     ],
 )
 def test_bad_values_name_the_key(tiny_config, overrides, fragment):

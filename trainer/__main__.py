@@ -24,14 +24,17 @@ def main(argv: list[str]) -> int:
         if int(os.environ.get("RANK", "0")) == 0:
             from launcher.run_prep import preflight_data, prepare_run_dir
 
-            preflight_data(spec)
+            preflight_data(spec.sized_for(int(os.environ.get("WORLD_SIZE", "1"))))
             _, status = prepare_run_dir(spec, fresh=False)
             print(f"zeroray: {status}", file=sys.stderr)
     except ZerorayError as exc:
         print(f"zeroray: error: {exc}", file=sys.stderr)
         return 2
     last = train(spec)
-    if last is not None:
+    if last is not None and last["step"] < spec.trainer.max_steps:
+        print(f"zeroray: stopped at step {last['step']} after a checkpoint (preempted); run the same command to "
+              f"resume", file=sys.stderr)
+    elif last is not None:
         print(f"zeroray: finished at step {last['step']}, loss {last['loss']:.4f}, "
               f"{last['tokens_per_s']:.0f} tokens/s; run directory {spec.output.run_dir}")
     return 0

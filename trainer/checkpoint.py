@@ -6,14 +6,21 @@ shard a second time. Every rank writes into `.staging-step_N/` (DeepSpeed state 
 position and RNG), then rank 0 adds a manifest, renames the folder to `step_N` (one atomic step)
 and rewrites the `latest` pointer atomically. A crash at any moment leaves the previous
 checkpoint whole and `latest` pointing at it.
+
+The manifest lists every file with its size and SHA-256 (`sha256sum` checks them by hand). Sizes are
+checked whenever checkpoints are listed (cheap: a truncated shard is not a checkpoint); checksums are
+checked by the ranks together before a resume (`verified_latest`), each reading its share, so a
+shard damaged in place (bad disk, bad copy) makes the run resume from the previous checkpoint.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -67,6 +74,31 @@ def _fsync_tree(folder: Path) -> None:
         if f.is_file():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+_RANK_IN_NAME = re.compile(r"(?:zero_pp_rank_|^rank_)0*(\d+)")
+
+
+def _reader(rel: str, world_size: int) -> int:
+    """The rank that checksums a file: the one that wrote it where the name says (DeepSpeed's per-rank
+    ZeRO shards, zeroray's rank states), else rank 0, so that each rank mostly reads its own files."""
+    found = _RANK_IN_NAME.search(Path(rel).name)
+    return int(found.group(1)) % world_size if found else 0
+
+
+def _checksums(folder: Path, files: list[str], rank: int, world_size: int) -> dict[str, str]:
+    """SHA-256 of this rank's share of `files`, gathered on every rank (a collective when distributed)."""
+    mine = {rel: _sha256(folder / rel) for rel in files if _reader(rel, world_size) == rank}
+    if not (dist.is_available() and dist.is_initialized()) or world_size == 1:
+        return mine
+    shares: list[dict[str, str]] = [{} for _ in range(world_size)]
+    dist.all_gather_object(shares, mine)
+    return {rel: digest for share in shares for rel, digest in share.items()}
 
 
 def rng_state() -> dict:
@@ -128,6 +160,27 @@ class CheckpointStore:
         except (OSError, ValueError, KeyError):
             return None
 
+    def verified_latest(self) -> Checkpoint | None:
+        """`latest()`, with every file's checksum checked against the manifest; a damaged checkpoint is
+        reported and the one before it tried. Collective: call on every rank (each reads its share)."""
+        candidates = self.published()
+        chosen = self.latest()
+        candidates = [c for c in candidates if chosen is not None and c.step <= chosen.step]
+        while candidates:
+            ckpt = candidates.pop()
+            expected = json.loads((ckpt.path / MANIFEST).read_text()).get("sha256")
+            if expected is None:  # written before manifests had checksums: sizes were checked
+                return ckpt
+            actual = _checksums(ckpt.path, sorted(expected), self.rank, self.world_size)
+            damaged = sorted(rel for rel, digest in expected.items() if actual.get(rel) != digest)
+            if not damaged:
+                return ckpt
+            if self.rank == 0:
+                log.warning("checkpoint %s is damaged: %s do not match the checksums in its manifest; using %s "
+                            "instead", ckpt.path, ", ".join(damaged),
+                            candidates[-1].path if candidates else "none (starting from step 0)")
+        return None
+
     def rank_state(self, ckpt: Checkpoint, rank: int | None = None) -> dict:
         """Data position and RNG of one rank (default: this one) as the checkpoint saved them."""
         rank = self.rank if rank is None else rank
@@ -175,14 +228,17 @@ class CheckpointStore:
         engine.save_checkpoint(str(self.root), tag=staging, save_latest=False)
         stage_dir = self.root / staging
         torch.save(rank_state, stage_dir / f"rank_{self.rank:05d}.pt")
-        dist.barrier()
-        final = self.root / tag
         if self.rank == 0:
             for name, text in run_files.items():
                 (stage_dir / name).write_text(text)
-            files = {str(f.relative_to(stage_dir)): f.stat().st_size for f in stage_dir.rglob("*") if f.is_file()}
+        dist.barrier()
+        final = self.root / tag
+        written = sorted(str(f.relative_to(stage_dir)) for f in stage_dir.rglob("*") if f.is_file())
+        sha256 = _checksums(stage_dir, written, self.rank, self.world_size)
+        if self.rank == 0:
+            files = {rel: (stage_dir / rel).stat().st_size for rel in written}
             _fsync_tree(stage_dir)
-            manifest = {"step": step, "world_size": self.world_size, "files": files}
+            manifest = {"step": step, "world_size": self.world_size, "files": files, "sha256": sha256}
             write_atomic(stage_dir / MANIFEST, json.dumps(manifest, indent=1))
             if final.exists():  # a re-run of the same step after a crash: replace it
                 shutil.rmtree(final)

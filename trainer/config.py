@@ -1,7 +1,10 @@
-"""The `trainer` section of the run spec: optimisation, precision, ZeRO, checkpoints."""
+"""The `trainer` section of the run spec (optimisation, precision, ZeRO, checkpoints, failures) and the
+test-only `debug` section."""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -17,7 +20,11 @@ class TrainerConfig(BaseModel):
     micro_batch_size: int = Field(8, ge=1, description="Sequences per rank per forward pass.")
     grad_accum_steps: int = Field(1, ge=1, description="Micro-batches accumulated into one optimizer step.")
     global_batch_size: int | None = Field(
-        None, ge=1, description="Optional check: must equal micro_batch_size × grad_accum_steps × workers."
+        None,
+        ge=1,
+        description="Rows per optimizer step. With a fixed cluster.workers an optional check (must equal "
+        "micro_batch_size × grad_accum_steps × workers); required with a range of workers, where the trainer "
+        "derives grad_accum_steps from it on whatever worker count it gets.",
     )
     expert_parallel: int = Field(
         1, ge=1, description="Ranks that split each MoE layer's experts; 1 = every rank holds all experts."
@@ -35,8 +42,20 @@ class TrainerConfig(BaseModel):
     grad_clip: float = Field(1.0, ge=0, description="Clip the global gradient norm to this; 0 = off.")
     seed: int = Field(0, description="Seed of model initialisation and every random draw.")
     log_every: int = Field(10, ge=1, description="Steps between metric records.")
+    peak_flops_per_worker: float | None = Field(
+        None, gt=0, description="Peak FLOP/s of one worker in the training precision, MFU's denominator; default: "
+        "NVIDIA's dense figure for known GPUs (trainer/metrics.py), measured with a short matmul loop on CPU."
+    )
     checkpoint_every: int = Field(100, ge=0, description="Steps between checkpoints; 0 = only at the end.")
-    max_failures: int = Field(0, ge=0, description="Restarts from the latest checkpoint Ray may attempt.")
+    max_failures: int = Field(
+        0, ge=0, description="Restarts from the latest checkpoint Ray Train may attempt after a worker dies or fails "
+        "(node preemptions that Ray sees coming are not counted: docs/fault_tolerance.md)."
+    )
+    preemption_grace_s: float = Field(
+        25.0, gt=0, description="After SIGTERM, seconds the driver waits for the workers to checkpoint at the next "
+        "step boundary and stop; then it exits without that checkpoint. Keep it below the platform's notice "
+        "(Kubernetes terminationGracePeriodSeconds 30 s by default, GCP Spot 30 s, AWS Spot 120 s)."
+    )
 
     @model_validator(mode="after")
     def _schedule_fits(self) -> TrainerConfig:
@@ -46,4 +65,62 @@ class TrainerConfig(BaseModel):
             )
         if not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"betas {self.betas} must each lie in [0, 1)")
+        return self
+
+
+
+def check_elastic_batch(t: TrainerConfig, workers: tuple[int, int], check_layout: Callable[[int, int], None]) -> None:
+    """A range of workers: Ray Train may run any count in it, so every count must keep the optimizer step
+    at trainer.global_batch_size rows with a whole gradient accumulation, and read whole data streams
+    (`check_layout(global_batch, workers)`, the data section's own rule)."""
+    low, high = workers
+    counts = range(low, high + 1)
+    where = f"cluster.workers [{low}, {high}] is a range (Ray Train may run any count in it)"
+    if t.global_batch_size is None:
+        raise ValueError(f"{where}: set trainer.global_batch_size, the rows per optimizer step it keeps on every "
+                         f"count, e.g. {t.micro_batch_size * math.lcm(*counts)}")
+    if t.grad_accum_steps != 1:
+        raise ValueError(f"{where}: trainer.grad_accum_steps is derived from trainer.global_batch_size on each "
+                         f"count; remove trainer.grad_accum_steps={t.grad_accum_steps}")
+    if t.expert_parallel > 1:
+        raise ValueError(f"{where}: not supported with trainer.expert_parallel > 1 yet (experts are stored per "
+                         f"expert-parallel rank); use a fixed cluster.workers")
+    uneven = [w for w in counts if t.global_batch_size % (t.micro_batch_size * w)]
+    if uneven:
+        fits = t.micro_batch_size * math.lcm(*counts)
+        raise ValueError(
+            f"{where}: trainer.global_batch_size ({t.global_batch_size}) is not a multiple of "
+            f"trainer.micro_batch_size ({t.micro_batch_size}) × workers for {', '.join(map(str, uneven))} "
+            f"worker(s). Use a multiple of {fits}, or another range or micro-batch"
+        )
+    for w in counts:
+        try:
+            check_layout(t.global_batch_size, w)
+        except ValueError as exc:
+            raise ValueError(f"{where}; on {w} worker(s): {exc}") from None
+
+
+class DebugConfig(BaseModel):
+    """Failure injection for zeroray's own tests: never set in a real run."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    fail_at_steps: tuple[int, ...] = Field(
+        (), description="Test only: optimizer steps right after which rank fail_rank fails (before that step's "
+        "checkpoint), once each: a marker file in the run directory stops the restarted run from failing again."
+    )
+    fail_rank: int = Field(0, ge=0, description="Test only: the rank that fails.")
+    fail_mode: Literal["kill", "raise"] = Field(
+        "kill", description="Test only: kill = SIGKILL to the rank's own process (a lost machine); raise = an "
+        "exception in the training loop (a bug)."
+    )
+    step_delay_s: float = Field(
+        0.0, ge=0, description="Test only: sleep after every optimizer step, so a tiny run lasts long enough for "
+        "cluster changes to happen during it."
+    )
+
+    @model_validator(mode="after")
+    def _steps_positive(self) -> DebugConfig:
+        if any(s < 1 for s in self.fail_at_steps):
+            raise ValueError(f"debug.fail_at_steps {list(self.fail_at_steps)}: steps count from 1")
         return self

@@ -24,6 +24,9 @@ from data_pipelines import BatchStream, merge_states
 from launcher.spec import RunSpec, read_spec
 from trainer.checkpoint import Checkpoint, CheckpointError, CheckpointStore, rng_state, set_rng_state
 from trainer.ds_config import deepspeed_config, resolve_precision
+from trainer.evaluation import Evaluator
+from trainer.metrics import StepMetrics
+from trainer.preemption import StopAgreement, after_step
 from trainer.run_dir import RunDir
 
 log = logging.getLogger("zeroray.trainer")
@@ -74,6 +77,7 @@ def train(spec: RunSpec, on_checkpoint: CheckpointHook | None = None) -> dict | 
     without the loop knowing about that scheduler."""
     started = time.time()
     rank, world = _init_distributed(spec)
+    spec = spec.sized_for(world)  # cluster.workers [min, max]: the count Ray Train started, its accumulation
     run = RunDir(spec.output.run_dir)
     _setup_logging(run, rank)
     try:
@@ -81,25 +85,6 @@ def train(spec: RunSpec, on_checkpoint: CheckpointHook | None = None) -> dict | 
     except Exception:
         log.exception("training failed on rank %d", rank)
         raise
-
-
-def _all_reduce_sum(values: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Sum scalars over ranks in one collective, then bring them to the host."""
-    stacked = torch.stack([v.reshape(()) for v in values.values()])
-    dist.all_reduce(stacked)
-    return dict(zip(values, stacked.tolist(), strict=True))
-
-
-def _statistics(model, world: int) -> dict:
-    """The model's per-step statistics (e.g. MoE expert load) of the last micro-batch, under the
-    model's own names: summed over ranks, and averaged for names ending in `fraction`."""
-    stats = getattr(model, "step_statistics", dict)()
-    out = {}
-    for name, value in stats.items():
-        value = value.detach().float().clone()
-        dist.all_reduce(value)
-        out[name] = (value / world if name.endswith("fraction") else value).tolist()
-    return out
 
 
 def _check_resumable(ckpt: Checkpoint, spec: RunSpec, world: int) -> None:
@@ -134,17 +119,20 @@ def _check_resumable(ckpt: Checkpoint, spec: RunSpec, world: int) -> None:
 def _train(spec: RunSpec, run: RunDir, rank: int, world: int, started: float,
            on_checkpoint: CheckpointHook | None) -> dict | None:
     t = spec.trainer
+    stop = StopAgreement(run.root, rank)
+    stop.watch_signals()  # torchrun & co.; under Ray the driver forwards SIGTERM through the run directory
     store = CheckpointStore(run.checkpoints, rank, world)
     if rank == 0:
         store.remove_staging()
     dist.barrier()
-    resume = store.latest()
+    resume = store.verified_latest()  # checksums: a damaged checkpoint falls back to the one before
     if resume is not None:
         _check_resumable(resume, spec, world)
     resized = resume is not None and resume.world_size != world
 
     seed_everything(t.seed)  # identical initial weights on every rank
     model = models.build(spec.model)
+    flops_per_token = spec.flops_per_token(model)  # of the whole model: before experts or ZeRO-3 split it
     if t.activation_checkpointing:
         model.enable_activation_checkpointing()
     if t.expert_parallel > 1:
@@ -197,56 +185,28 @@ def _train(spec: RunSpec, run: RunDir, rank: int, world: int, started: float,
         seed_everything(t.seed + 1000 * (rank + 1))  # per-rank streams for dropout-like draws
 
     device = engine.device
-    tokens_per_step = spec.tokens_per_step
-    # Throughput over the interval since the last record, checkpoint time excluded.
-    interval_steps, interval_t0, excluded_s = 0, time.perf_counter(), 0.0
-    loss_sum = torch.zeros((), device=device)
-    aux_sums: dict[str, torch.Tensor] = {}
+    evaluator = Evaluator(spec, rank, world, device) if spec.eval.sources else None
+    meter = StepMetrics(spec, flops_per_token, precision, rank, world, device, started)
     record: dict | None = None
-    first_step = True
     while step < t.max_steps:
         for _ in range(t.grad_accum_steps):
             batch = {k: v.to(device, non_blocking=True) for k, v in next(data).items()}
             out = engine(**batch)
             engine.backward(out.loss)
             engine.step()
-            loss_sum += out.loss.detach().float()
-            for name, value in (out.aux_losses or {}).items():
-                aux_sums[name] = aux_sums.get(name, 0.0) + value.detach().float()
+            meter.add(out)
         step += 1
-        interval_steps += 1
+        meter.step_done()
         last = step == t.max_steps
-        if first_step or last or step % t.log_every == 0:
-            # The only host sync in the loop: once per logged step.
-            steps, seconds = interval_steps, time.perf_counter() - interval_t0 - excluded_s
-            micro_batches = world * t.grad_accum_steps * steps
-            losses = _all_reduce_sum({"loss": loss_sum, **aux_sums})
-            aux = {f"aux/{k}": v / micro_batches for k, v in losses.items() if k != "loss"}
-            grad_norm = engine.get_global_grad_norm()
-            record = {
-                "step": step,
-                # The objective alone; auxiliary losses (already in the optimised total) are listed apart.
-                "loss": (losses["loss"] - sum(v * micro_batches for v in aux.values())) / micro_batches,
-                **aux,
-                **_statistics(engine.module, world),
-                "lr": scheduler.get_last_lr()[0],
-                "grad_norm": None if grad_norm is None else float(grad_norm),
-                "tokens_per_s": tokens_per_step * steps / seconds,
-                "step_time_s": seconds / steps,
-                "tokens": step * tokens_per_step,
-                "max_steps": t.max_steps,
-                "time": time.time(),
-                "since_start_s": time.time() - started,
-                "precision": precision,
-            }
-            loss_sum.zero_()
-            aux_sums = {}
-            interval_steps, interval_t0, excluded_s = 0, time.perf_counter(), 0.0
-            first_step = False
+        evaluate = evaluator is not None and evaluator.due(step, last)
+        if meter.due(step) or evaluate:
+            record = meter.record(step, engine, scheduler, data, evaluator if evaluate else None)
             if rank == 0:
                 with open(run.metrics, "a") as f:
                     f.write(json.dumps(record) + "\n")
-        if last or (t.checkpoint_every and step % t.checkpoint_every == 0):
+        after_step(spec.debug, step, rank, run.root)  # test-only failure injection
+        stopping = stop.agreed()  # preemption: checkpoint now, then stop
+        if last or stopping or (t.checkpoint_every and step % t.checkpoint_every == 0):
             saving_since = time.perf_counter()
             published = store.save(
                 engine,
@@ -257,8 +217,14 @@ def _train(spec: RunSpec, run: RunDir, rank: int, world: int, started: float,
             )
             if on_checkpoint is not None:
                 on_checkpoint(published, record or {"step": step})
-            excluded_s += time.perf_counter() - saving_since
+            meter.exclude(time.perf_counter() - saving_since)
             if rank == 0:
                 log.info("checkpoint at step %d", step)
+        if stopping:
+            log.warning("stopped after the checkpoint of step %d: %s", step,
+                        stop.local_reason() or "another rank was asked to")
+            stop.served()
+            break
+    stop.restore_signals()
     dist.barrier()
     return record if rank == 0 else None
