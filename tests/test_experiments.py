@@ -146,25 +146,3 @@ def test_dry_run_prints_the_plan(in_checkout):
     assert "- bytes (baseline): byte-level encoder–decoder, no GBST" in out
     assert "overrides: model.gbst=false model.downsample=1" in out
     assert not (in_checkout / "runs").exists()  # nothing trained, nothing written
-
-
-def test_smoke_experiment_trains_every_arm_then_skips_them(ray_local, in_checkout):
-    """Two arms × one seed, 3 steps each, through `zeroray train`'s launcher on one Ray cluster (one
-    worker each: the start-up is most of the cost; two workers are tested in test_train_ray.py)."""
-    hc = ex.load_experiment("hyper-connections")
-    two = hc.model_copy(update={"arms": hc.arms[:3:2], "expectations": hc.expectations[1:2]})  # residual, dhc4
-    p = ex.plan(two, "smoke", 1, in_checkout / "exp", ("data.streams=4", "cluster.workers=1"))
-    said: list[str] = []
-    results = ex.run_experiment(p, announce=said.append)
-    for arm in ("residual", "dhc4"):
-        (run,) = results["arms"][arm]["runs"]
-        assert run["status"] == "finished" and run["step"] == 3 and run["eval_step"] == 3
-        assert 0 < run["eval_loss"] < 10 and run["tokens_per_s"] > 0
-    assert results["expectations"][0]["verdict"].endswith("(seed spread unknown: 1 seed)")
-    assert {"results.md", "results.json", "eval_loss.png", "residual-seed0", "dhc4-seed0"} <= {
-        f.name for f in p.out.iterdir()}
-    lines = (p.out / "dhc4-seed0" / "metrics.jsonl").read_text()
-    again = ex.run_experiment(p, announce=said.append)
-    assert said[-1] == f"2 of 2 runs already finished in {p.out}"
-    assert (p.out / "dhc4-seed0" / "metrics.jsonl").read_text() == lines
-    assert again["arms"]["dhc4"]["summary"]["eval_loss"] == results["arms"]["dhc4"]["summary"]["eval_loss"]
