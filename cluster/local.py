@@ -52,7 +52,7 @@ def ray_cluster(cluster: ClusterConfig, temp_dir: str | None = None) -> Iterator
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if ray.is_initialized():
-        yield "the Ray cluster this process already joined"
+        yield "Ray cluster this process already joined"
         return
     if cluster.address:
         ray.init(address=cluster.address, log_to_driver=True)
