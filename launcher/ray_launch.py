@@ -163,15 +163,34 @@ def write_status(run: RunDir, state: str, started: float, message: str | None = 
 def explain_failure(exc: Exception, run: RunDir) -> str:
     """One paragraph per failed rank instead of Ray's nested tracebacks."""
     failures = getattr(exc, "worker_failures", None) or {}
-    lines = [f"training failed; the last good checkpoint (if any) is in {run.checkpoints}."]
+    lines = [f"training failed {_last_step(run)}; the last good checkpoint (if any) is in {run.checkpoints}."]
     for rank, err in sorted(failures.items()):
         root = err
         while getattr(root, "cause", None) is not None or root.__cause__ is not None:
             root = getattr(root, "cause", None) or root.__cause__
         message = [line for line in str(root).strip().splitlines() if line.strip()]
         summary = message[0][:400] if message else ""
-        lines.append(f"  rank {rank}: {type(root).__name__}: {summary}")
+        lines.append(f"  rank {rank}{_node_of(run, rank)}: {type(root).__name__}: {summary}")
         lines.append(f"  full log: {run.rank_log(rank)}")
     if not failures:
         lines.append(f"  {type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}")
     return "\n".join(lines)
+
+
+def _last_step(run: RunDir) -> str:
+    """Where the run was: after its last metrics record (the failing step is one of those after it)."""
+    try:
+        lines = run.metrics.read_text().splitlines()
+        return f"after step {json.loads(lines[-1])['step']}" if lines else "before its first step"
+    except (OSError, ValueError, KeyError):
+        return "before its first step"
+
+
+def _node_of(run: RunDir, rank: int) -> str:
+    """The host the rank last ran on (`_record_placement`), when it got that far."""
+    try:
+        last = (run.logs / f"placement_rank_{rank}.jsonl").read_text().splitlines()[-1]
+        placed = json.loads(last)
+        return f" on node {placed['host']} ({placed['node_id'][:12]})"
+    except (OSError, ValueError, KeyError, IndexError):
+        return ""

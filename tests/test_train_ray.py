@@ -88,5 +88,6 @@ def test_worker_failure_is_explained_with_rank_and_log(ray_local, tiny_config, t
     finally:
         ray_launch.preflight_data = real_preflight
     message = str(err.value)
-    assert "rank 0:" in message and "rank_0.log" in message
+    assert "training failed before its first step" in message
+    assert "rank 0 on node " in message and "rank_0.log" in message
     assert "Traceback" not in message
