@@ -33,7 +33,9 @@ REMOTE_CODE = {
 
 def find_checkpoint(run_dir: Path, step: int | None) -> tuple[Checkpoint, RunSpec]:
     run = RunDir(run_dir)
-    store = CheckpointStore(run.checkpoints, 0, 1)
+    output = read_spec(run.spec).output if run.spec.is_file() else None
+    # A run on remote storage: its checkpoints are chosen there and downloaded into the working copy.
+    store = CheckpointStore.of_run(output) if output and output.remote else CheckpointStore(run.checkpoints, 0, 1)
     published = store.published()
     if not published:
         raise ZerorayError(f"{run_dir} holds no complete checkpoint (looked in {run.checkpoints})")
@@ -44,6 +46,7 @@ def find_checkpoint(run_dir: Path, step: int | None) -> tuple[Checkpoint, RunSpe
         if not matches:
             raise ZerorayError(f"{run_dir} has no checkpoint at step {step}; it has {[c.step for c in published]}")
         ckpt = matches[0]
+    store.local_copy(ckpt)
     spec = read_spec(ckpt.path / "spec.yaml")
     return ckpt, spec
 

@@ -50,7 +50,7 @@ class Submission:
 
     @property
     def run_dir(self) -> str:
-        return str(self.spec.output.run_dir)
+        return self.spec.output.location
 
     def metadata(self) -> dict[str, str]:
         c = self.spec.cluster
@@ -103,7 +103,7 @@ def _relative_local(path: str) -> bool:
 
 def cluster_path_problems(spec) -> list[str]:
     problems = []
-    if not spec.output.dir.startswith(("/", "~")):
+    if not spec.output.dir.startswith(("/", "~")) and spec.output.remote is None:
         problems.append(f"output.dir {spec.output.dir!r}")
     for i, source in enumerate(spec.data.sources):
         if _relative_local(source.path):

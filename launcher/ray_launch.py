@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import posixpath
 import socket
 import tempfile
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +22,7 @@ from trainer.checkpoint import CheckpointStore, write_atomic
 from trainer.evaluation import held_out_batches
 from trainer.preemption import DriverStop
 from trainer.run_dir import RunDir
+from trainer.run_upload import RunDirUpload
 
 
 def _train_worker(config: dict) -> None:
@@ -87,7 +90,8 @@ class LaunchResult:
 
 def launch(spec: RunSpec, fresh: bool = False, ray_temp_dir: str | None = None, progress_interval_s: float = 10.0,
            announce=print) -> LaunchResult:
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, TrainingFailedError
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     started = time.time()
@@ -96,12 +100,13 @@ def launch(spec: RunSpec, fresh: bool = False, ray_temp_dir: str | None = None, 
         held_out_batches(spec, 0, spec.cluster.max_workers)  # a wrong eval path fails here, not in a worker
     run, status = prepare_run_dir(spec, fresh)
     announce(status)
-    latest = CheckpointStore(run.checkpoints, 0, 1).latest()
+    latest = CheckpointStore.of_run(spec.output).latest()
     if latest is not None and latest.step >= spec.trainer.max_steps:
         announce(f"the run already reached step {latest.step} (trainer.max_steps={spec.trainer.max_steps}); "
                  f"raise trainer.max_steps to continue it, or pass --fresh to start over")
         return LaunchResult(run, status, None, None, None, time.time() - started)
     c = spec.cluster
+    remote = spec.output.remote
     trainer = TorchTrainer(
         _train_worker,
         train_loop_config={"spec": spec.to_dict()},
@@ -110,13 +115,24 @@ def launch(spec: RunSpec, fresh: bool = False, ray_temp_dir: str | None = None, 
         run_config=RunConfig(
             # Ray's run folder is zeroray's run directory: the checkpoints registered with Ray
             # must lie inside it, and there is one folder per run to find, move or delete.
+            # A remote run directory reaches Ray through the same fsspec filesystem, wrapped for pyarrow.
             name=run.root.name,
-            storage_path=str(run.root.parent),
+            storage_path=str(run.root.parent) if remote is None else posixpath.dirname(remote.root),
+            storage_filesystem=None if remote is None else PyFileSystem(FSSpecHandler(remote.fs)),
             failure_config=FailureConfig(max_failures=spec.trainer.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=spec.output.keep_last),
             worker_runtime_env={"env_vars": worker_env(c)},
         ),
     )
+    with RunDirUpload(run, remote) if remote is not None else nullcontext():
+        return _fit(trainer, spec, run, status, latest, started, ray_temp_dir, progress_interval_s, announce)
+
+
+def _fit(trainer, spec: RunSpec, run: RunDir, status: str, latest, started: float, ray_temp_dir: str | None,
+         progress_interval_s: float, announce) -> LaunchResult:
+    from ray.train import TrainingFailedError
+
+    c = spec.cluster
     trackers = open_trackers(spec, run)
     write_status(run, "running", started)
     try:
@@ -138,7 +154,7 @@ def launch(spec: RunSpec, fresh: bool = False, ray_temp_dir: str | None = None, 
         raise
     finally:
         trackers.close()
-    stopped = stop.stopped_early(CheckpointStore(run.checkpoints, 0, 1).latest(), spec.trainer.max_steps)
+    stopped = stop.stopped_early(CheckpointStore.of_run(spec.output).latest(), spec.trainer.max_steps)
     if stopped:
         write_status(run, "preempted", started, stopped)
         raise RunPreempted(stopped)

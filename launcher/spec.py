@@ -28,14 +28,30 @@ from cluster.config import ClusterConfig
 from data_pipelines.config import DataConfig, SourceConfig
 from launcher.errors import SpecError
 from trainer.config import DebugConfig, TrainerConfig, check_elastic_batch
+from trainer.remote_folder import RemoteFolder, check_url, is_url
 
 
 class OutputConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    dir: str = Field("runs", description="Folder that holds run directories.")
+    dir: str = Field(
+        "runs",
+        description="Folder that holds run directories: a local folder, or an fsspec URL (s3://bucket/runs, gs://…) "
+        "with output.storage_options; then every process works in a local copy (output.cache_dir) and "
+        "checkpoints, metrics, logs and the spec are copied there.",
+    )
     name: str | None = Field(None, description="Run name (its folder under dir); default: the config file's name.")
     keep_last: int = Field(3, ge=1, description="Checkpoints kept; older ones are deleted after a new one lands.")
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="fsspec options for a URL output.dir, as they are (e.g. endpoint_url, key, secret, "
+        "client_kwargs); empty: the provider's own environment variables and credential files.",
+    )
+    cache_dir: str = Field(
+        "~/.cache/zeroray/runs",
+        description="With a URL output.dir: the local folder, on every node, holding the working copy of the run "
+        "directory (checkpoints are written here first, then uploaded; downloaded here to resume).",
+    )
     trackers: tuple[Literal["tensorboard", "wandb", "mlflow"], ...] = Field(
         ("tensorboard",),
         description="Where the driver sends the metrics records besides metrics.jsonl: tensorboard (event files "
@@ -55,17 +71,31 @@ class OutputConfig(BaseModel):
 
     @field_validator("dir")
     @classmethod
-    def _local_folder(cls, value: str) -> str:
-        if "://" in value:  # would otherwise resolve to a local folder named like the URL
-            raise ValueError(
-                f"{value!r} is a URL; run directories on remote storage are not supported yet. Use a folder "
-                f"every node sees (NFS, EFS, Filestore, a shared volume); docs/clusters.md shows how"
-            )
+    def _storage_exists(cls, value: str) -> str:
+        if is_url(value):
+            check_url(value)
         return value
 
     @property
+    def remote(self) -> RemoteFolder | None:
+        """The run directory on remote storage, or None for a local (or shared) folder."""
+        if not is_url(self.dir):
+            return None
+        return RemoteFolder(f"{self.dir.rstrip('/')}/{self.name or 'run'}", dict(self.storage_options))
+
+    @property
     def run_dir(self) -> Path:
-        return Path(self.dir) / (self.name or "run")
+        """The run directory every process reads and writes: the folder itself, or its local working copy."""
+        if not is_url(self.dir):
+            return Path(self.dir) / (self.name or "run")
+        protocol, path = self.dir.split("://", 1)
+        return Path(self.cache_dir).expanduser() / protocol / path.strip("/") / (self.name or "run")
+
+    @property
+    def location(self) -> str:
+        """Where the run lives, for messages and job metadata: the URL, or the local folder."""
+        remote = self.remote
+        return remote.url if remote is not None else str(self.run_dir)
 
 
 class EvalConfig(BaseModel):
@@ -361,7 +391,9 @@ def resolve(spec: RunSpec) -> RunSpec:
                 f"{data.tokenizer}) + the {data.objective.kind} objective's {specials} special tokens; "
                 f"set model.vocab_size to 0 to take it from the tokenizer"
             )
-    output = spec.output.model_copy(update={"dir": str(Path(spec.output.dir).expanduser().resolve())})
+    output = spec.output
+    if not is_url(output.dir):
+        output = output.model_copy(update={"dir": str(Path(output.dir).expanduser().resolve())})
     held_out = spec.eval.model_copy(
         update={"sources": tuple(s.model_copy(update={"path": _absolute(s.path)}) for s in spec.eval.sources)}
     )

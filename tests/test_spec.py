@@ -65,7 +65,7 @@ def test_overrides_parse_yaml_values_and_lists():
         (["data.tokenizer=/no/such/tokenizer.json"], "is not a file"),
         (["cluster.workers=0"], "cluster.workers"),
         (["trainer.precision=fp8"], "trainer.precision"),
-        (["output.dir=s3://bucket/runs"], "output.dir: 's3://bucket/runs' is a URL"),
+        (["output.dir=memory://runs"], "output.dir: 'memory://runs': memory:// lives inside one process"),
         (["model.name=widenet_decoder", "data.document_mask=true"], "data.document_mask: model 'widenet_decoder'"),
     ],
 )

@@ -11,6 +11,12 @@ The manifest lists every file with its size and SHA-256 (`sha256sum` checks them
 checked whenever checkpoints are listed (cheap: a truncated shard is not a checkpoint); checksums are
 checked by the ranks together before a resume (`verified_latest`), each reading its share, so a
 shard damaged in place (bad disk, bad copy) makes the run resume from the previous checkpoint.
+
+With a remote run directory (`output.dir: s3://…`) the local folder is a working copy: each file is
+uploaded by one rank that has it (nodes need not share a disk), the manifest goes up after all of them
+and `latest` last, so a crash mid-upload leaves the previous checkpoint as `latest`. The remote copy is
+the truth when choosing a checkpoint; one node-local download per host fetches it before a resume,
+unless that host's copy already matches its manifest.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import os
 import random
 import re
 import shutil
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -32,9 +39,12 @@ import torch
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 
+from trainer.remote_folder import RemoteFolder
+
 log = logging.getLogger("zeroray.checkpoint")
 
 STAGING_PREFIX = ".staging-"
+DOWNLOAD_PREFIX = ".download-"
 LATEST = "latest"
 MANIFEST = "manifest.json"
 UNIVERSAL = "universal"  # conversions for a resume on another worker count
@@ -91,14 +101,40 @@ def _reader(rel: str, world_size: int) -> int:
     return int(found.group(1)) % world_size if found else 0
 
 
+def _distributed(world_size: int) -> bool:
+    return world_size > 1 and dist.is_available() and dist.is_initialized()
+
+
+def _barrier(world_size: int) -> None:
+    if _distributed(world_size):
+        dist.barrier()
+
+
+def _gathered(value, world_size: int) -> list:
+    """`value` of every rank, by rank (a collective when distributed)."""
+    if not _distributed(world_size):
+        return [value]
+    values: list = [None] * world_size
+    dist.all_gather_object(values, value)
+    return values
+
+
 def _checksums(folder: Path, files: list[str], rank: int, world_size: int) -> dict[str, str]:
     """SHA-256 of this rank's share of `files`, gathered on every rank (a collective when distributed)."""
     mine = {rel: _sha256(folder / rel) for rel in files if _reader(rel, world_size) == rank}
-    if not (dist.is_available() and dist.is_initialized()) or world_size == 1:
-        return mine
-    shares: list[dict[str, str]] = [{} for _ in range(world_size)]
-    dist.all_gather_object(shares, mine)
-    return {rel: digest for share in shares for rel, digest in share.items()}
+    return {rel: digest for share in _gathered(mine, world_size) for rel, digest in share.items()}
+
+
+def _owners(listings: list[dict[str, int]], world_size: int) -> dict[str, int]:
+    """The rank that checksums (and uploads) each written file: the one the name says if it can see the
+    file, else the lowest rank that can (on a shared disk every rank sees every file; on node-local
+    disks a rank sees its node's)."""
+    owners = {}
+    for rel in sorted({rel for listing in listings for rel in listing}):
+        preferred = _reader(rel, world_size) % len(listings)
+        owners[rel] = preferred if rel in listings[preferred] else min(
+            r for r, listing in enumerate(listings) if rel in listing)
+    return owners
 
 
 def rng_state() -> dict:
@@ -120,34 +156,61 @@ def set_rng_state(state: dict) -> None:
 
 
 class CheckpointStore:
-    def __init__(self, root: Path, rank: int, world_size: int):
+    def __init__(self, root: Path, rank: int, world_size: int, remote: RemoteFolder | None = None):
         self.root = Path(root)
         self.rank = rank
         self.world_size = world_size
+        self.remote = remote
+        # Which ranks share a node (and so a working copy): one download and one clean-up per node.
+        # Gathered here, where every rank constructs the store at the same point of the loop.
+        self._hosts = _gathered(socket.gethostname(), world_size) if remote is not None else [None]
+
+    @classmethod
+    def of_run(cls, output, rank: int = 0, world_size: int = 1) -> CheckpointStore:
+        """The store of a run's `output` section (launcher.spec.OutputConfig): local, or remote + working copy."""
+        remote = output.remote
+        return cls(Path(output.run_dir) / "checkpoints", rank, world_size,
+                   remote.child("checkpoints") if remote is not None else None)
+
+    @property
+    def _host_leader(self) -> bool:
+        return self.remote is None or self._hosts.index(self._hosts[self.rank % len(self._hosts)]) == self.rank
 
     # ---- reading --------------------------------------------------------------------------
     def published(self) -> list[Checkpoint]:
         """Complete checkpoints, oldest first (a folder without a valid manifest is not one)."""
         found = []
+        if self.remote is not None:
+            for tag in self.remote.folders("step_"):
+                manifest = self._verified_remote_manifest(tag)
+                if manifest is not None:
+                    found.append(Checkpoint(self.root / tag, manifest["step"], manifest["world_size"]))
+            return found
         for d in sorted(self.root.glob("step_*")):
             manifest = self._verified_manifest(d)
             if manifest is not None:
                 found.append(Checkpoint(d, manifest["step"], manifest["world_size"]))
         return found
 
-    def latest(self) -> Checkpoint | None:
+    def _pointer(self) -> tuple[str, str | None]:
+        """Where `latest` is, and the tag it names (None when it is missing)."""
+        if self.remote is not None:
+            text = self.remote.read_text(LATEST)
+            return f"{self.remote.url}/{LATEST}", None if text is None else text.strip()
         pointer = self.root / LATEST
+        return str(pointer), pointer.read_text().strip() if pointer.is_file() else None
+
+    def latest(self) -> Checkpoint | None:
+        pointer, tag = self._pointer()
         published = self.published()
-        if pointer.is_file():
-            tag = pointer.read_text().strip()
-            for ckpt in published:
-                if ckpt.tag == tag:
-                    return ckpt
+        for ckpt in published:
+            if ckpt.tag == tag:
+                return ckpt
         # The pointer is missing or names a damaged checkpoint: fall back to the newest whole one.
         fallback = published[-1] if published else None
-        if pointer.is_file():
+        if tag is not None:
             log.warning("checkpoint %s named by %s is incomplete or damaged; using %s instead",
-                        tag, pointer, fallback.path if fallback else "none (starting from step 0)")
+                        tag, pointer, fallback.tag if fallback else "none (starting from step 0)")
         return fallback
 
     def _verified_manifest(self, folder: Path) -> dict | None:
@@ -160,26 +223,70 @@ class CheckpointStore:
         except (OSError, ValueError, KeyError):
             return None
 
+    def _verified_remote_manifest(self, tag: str) -> dict | None:
+        try:
+            manifest = json.loads(self.remote.read_text(f"{tag}/{MANIFEST}") or "")
+            sizes = self.remote.sizes(tag)
+            if any(sizes.get(rel) != size for rel, size in manifest["files"].items()):
+                return None
+            return manifest
+        except (ValueError, KeyError):
+            return None
+
     def verified_latest(self) -> Checkpoint | None:
         """`latest()`, with every file's checksum checked against the manifest; a damaged checkpoint is
-        reported and the one before it tried. Collective: call on every rank (each reads its share)."""
+        reported and the one before it tried. Collective: call on every rank (each reads its share).
+        A remote checkpoint is downloaded to the working copy first (once per node)."""
         candidates = self.published()
         chosen = self.latest()
         candidates = [c for c in candidates if chosen is not None and c.step <= chosen.step]
         while candidates:
             ckpt = candidates.pop()
-            expected = json.loads((ckpt.path / MANIFEST).read_text()).get("sha256")
-            if expected is None:  # written before manifests had checksums: sizes were checked
-                return ckpt
-            actual = _checksums(ckpt.path, sorted(expected), self.rank, self.world_size)
-            damaged = sorted(rel for rel, digest in expected.items() if actual.get(rel) != digest)
+            damaged = self._damaged(ckpt, fresh_copy=False)
+            if damaged and self.remote is not None:
+                damaged = self._damaged(ckpt, fresh_copy=True)  # the node's copy may be the bad one
             if not damaged:
                 return ckpt
             if self.rank == 0:
                 log.warning("checkpoint %s is damaged: %s do not match the checksums in its manifest; using %s "
-                            "instead", ckpt.path, ", ".join(damaged),
-                            candidates[-1].path if candidates else "none (starting from step 0)")
+                            "instead", self.remote.url + "/" + ckpt.tag if self.remote else ckpt.path,
+                            ", ".join(damaged), candidates[-1].tag if candidates else "none (starting from step 0)")
         return None
+
+    def _damaged(self, ckpt: Checkpoint, fresh_copy: bool) -> list[str]:
+        """Files of `ckpt` whose checksum does not match its manifest. Collective."""
+        if self.remote is not None:
+            self._download(ckpt, force=fresh_copy)
+        manifest = self._verified_manifest(ckpt.path)
+        if manifest is None:
+            return [MANIFEST]  # a download cut short
+        expected = manifest.get("sha256")
+        if expected is None:  # written before manifests had checksums: sizes were checked
+            return []
+        actual = _checksums(ckpt.path, sorted(expected), self.rank, self.world_size)
+        return sorted(rel for rel, digest in expected.items() if actual.get(rel) != digest)
+
+    def _download(self, ckpt: Checkpoint, force: bool) -> None:
+        """Bring a remote checkpoint into this node's working copy (one rank per node), unless the copy
+        there already has the same manifest and file sizes. Collective."""
+        if self._host_leader:
+            remote_manifest = self.remote.read_text(f"{ckpt.tag}/{MANIFEST}")
+            local_manifest = ckpt.path / MANIFEST
+            current = (local_manifest.is_file() and local_manifest.read_text() == remote_manifest
+                       and self._verified_manifest(ckpt.path) is not None)
+            if force or not current:
+                partial = self.root / (DOWNLOAD_PREFIX + ckpt.tag)
+                shutil.rmtree(partial, ignore_errors=True)
+                self.remote.download_tree(ckpt.tag, partial)
+                shutil.rmtree(ckpt.path, ignore_errors=True)
+                os.replace(partial, ckpt.path)
+        _barrier(self.world_size)
+
+    def local_copy(self, ckpt: Checkpoint) -> Checkpoint:
+        """`ckpt` with its files in this machine's working copy (downloaded when needed). One process."""
+        if self.remote is not None:
+            self._download(ckpt, force=False)
+        return ckpt
 
     def rank_state(self, ckpt: Checkpoint, rank: int | None = None) -> dict:
         """Data position and RNG of one rank (default: this one) as the checkpoint saved them."""
@@ -190,7 +297,8 @@ class CheckpointStore:
         """The checkpoint in DeepSpeed's universal format (whole, unpartitioned optimizer state), which
         loads on any number of ranks. Rank 0 converts with DeepSpeed's own `ds_to_universal`, next to
         the published checkpoints (never inside one: a published folder is not changed); every rank
-        waits for it. Call on every rank."""
+        waits for it. With a remote run directory and several nodes, the other nodes download it.
+        Call on every rank."""
         out = self.root / UNIVERSAL / ckpt.tag
         if self.rank == 0 and not (out / "zero").is_dir():
             shutil.rmtree(out, ignore_errors=True)
@@ -207,17 +315,30 @@ class CheckpointStore:
                     f"converting {ckpt.path} to DeepSpeed's universal format (to resume on another worker count) "
                     f"failed:\n{(proc.stdout + proc.stderr)[-2000:]}"
                 )
-        dist.barrier()
+            if len(set(self._hosts)) > 1:
+                self.remote.upload_tree(out, f"{UNIVERSAL}/{ckpt.tag}")
+        _barrier(self.world_size)
+        if len(set(self._hosts)) > 1 and self._host_leader and self._hosts[self.rank] != self._hosts[0]:
+            shutil.rmtree(out, ignore_errors=True)
+            self.remote.download_tree(f"{UNIVERSAL}/{ckpt.tag}", out)
+        _barrier(self.world_size)
         return out
 
     def remove_universal(self) -> None:
-        shutil.rmtree(self.root / UNIVERSAL, ignore_errors=True)
+        """After every rank loaded the conversion. Call on every rank."""
+        if self._host_leader:
+            shutil.rmtree(self.root / UNIVERSAL, ignore_errors=True)
+        if self.rank == 0 and len(set(self._hosts)) > 1:
+            self.remote.remove(UNIVERSAL)
 
     # ---- writing --------------------------------------------------------------------------
     def remove_staging(self) -> None:
-        """Rank 0, before training: drop folders that a crash left half-written."""
-        for d in self.root.glob(STAGING_PREFIX + "*"):
-            shutil.rmtree(d, ignore_errors=True)
+        """Before training, once per working copy: drop folders that a crash left half-written."""
+        if not self._host_leader:
+            return
+        for prefix in (STAGING_PREFIX, DOWNLOAD_PREFIX):
+            for d in self.root.glob(prefix + "*"):
+                shutil.rmtree(d, ignore_errors=True)
 
     def save(self, engine, step: int, rank_state: dict, run_files: dict[str, str], keep_last: int) -> Checkpoint:
         """Collective: every rank calls it. `rank_state` is this rank's own (data position, RNG);
@@ -225,26 +346,53 @@ class CheckpointStore:
         tag = tag_for(step)
         staging = STAGING_PREFIX + tag
         self.root.mkdir(parents=True, exist_ok=True)
+        if self.remote is not None and self.rank == 0:
+            self.remote.remove(tag)  # a damaged or older copy of this step: no stale files under a new manifest
         engine.save_checkpoint(str(self.root), tag=staging, save_latest=False)
         stage_dir = self.root / staging
         torch.save(rank_state, stage_dir / f"rank_{self.rank:05d}.pt")
         if self.rank == 0:
             for name, text in run_files.items():
                 (stage_dir / name).write_text(text)
-        dist.barrier()
+        _barrier(self.world_size)
+        seen_here = {str(f.relative_to(stage_dir)): f.stat().st_size for f in stage_dir.rglob("*") if f.is_file()}
+        listings = _gathered(seen_here, self.world_size)
+        owners = _owners(listings, self.world_size)
+        mine = [rel for rel, owner in owners.items() if owner == self.rank]
+        sha256 = {rel: digest for share in _gathered({rel: _sha256(stage_dir / rel) for rel in mine},
+                                                    self.world_size) for rel, digest in share.items()}
+        if self.remote is not None:
+            for rel in mine:
+                self.remote.upload(stage_dir / rel, f"{tag}/{rel}")
+            _barrier(self.world_size)  # every file is up before the manifest says the checkpoint exists
         final = self.root / tag
-        written = sorted(str(f.relative_to(stage_dir)) for f in stage_dir.rglob("*") if f.is_file())
-        sha256 = _checksums(stage_dir, written, self.rank, self.world_size)
         if self.rank == 0:
-            files = {rel: (stage_dir / rel).stat().st_size for rel in written}
+            files = {rel: listings[owner][rel] for rel, owner in owners.items()}
             _fsync_tree(stage_dir)
-            manifest = {"step": step, "world_size": self.world_size, "files": files, "sha256": sha256}
-            write_atomic(stage_dir / MANIFEST, json.dumps(manifest, indent=1))
+            manifest = json.dumps({"step": step, "world_size": self.world_size, "files": files, "sha256": sha256},
+                                  indent=1)
+            write_atomic(stage_dir / MANIFEST, manifest)
             if final.exists():  # a re-run of the same step after a crash: replace it
                 shutil.rmtree(final)
             os.replace(stage_dir, final)
             write_atomic(self.root / LATEST, tag + "\n")
-            for old in self.published()[:-keep_last]:
-                shutil.rmtree(old.path, ignore_errors=True)
-        dist.barrier()
+            if self.remote is not None:
+                self.remote.write_text(f"{tag}/{MANIFEST}", manifest)
+                self.remote.write_text(LATEST, tag + "\n")
+            self._retain(keep_last)
+        elif self.remote is not None and self._host_leader and self._hosts[self.rank] != self._hosts[0]:
+            shutil.rmtree(stage_dir, ignore_errors=True)  # uploaded; rank 0's node keeps the working copy
+        _barrier(self.world_size)
         return Checkpoint(final, step, self.world_size)
+
+    def _retain(self, keep_last: int) -> None:
+        published = self.published()
+        kept = {c.path for c in published[-keep_last:]}
+        for old in published[:-keep_last]:
+            if self.remote is not None:
+                self.remote.remove(old.tag)
+            shutil.rmtree(old.path, ignore_errors=True)
+        if self.remote is not None:  # working-copy folders of checkpoints the remote no longer has
+            for d in self.root.glob("step_*"):
+                if d not in kept:
+                    shutil.rmtree(d, ignore_errors=True)

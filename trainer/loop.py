@@ -28,6 +28,7 @@ from trainer.evaluation import Evaluator
 from trainer.metrics import StepMetrics
 from trainer.preemption import StopAgreement, after_step
 from trainer.run_dir import RunDir
+from trainer.run_upload import push_rank_files
 
 log = logging.getLogger("zeroray.trainer")
 
@@ -84,6 +85,7 @@ def train(spec: RunSpec, on_checkpoint: CheckpointHook | None = None) -> dict | 
         return _train(spec, run, rank, world, started, on_checkpoint)
     except Exception:
         log.exception("training failed on rank %d", rank)
+        push_rank_files(run, spec.output.remote, rank)  # the log says why; its node may be gone next
         raise
 
 
@@ -121,9 +123,8 @@ def _train(spec: RunSpec, run: RunDir, rank: int, world: int, started: float,
     t = spec.trainer
     stop = StopAgreement(run.root, rank)
     stop.watch_signals()  # torchrun & co.; under Ray the driver forwards SIGTERM through the run directory
-    store = CheckpointStore(run.checkpoints, rank, world)
-    if rank == 0:
-        store.remove_staging()
+    store = CheckpointStore.of_run(spec.output, rank, world)
+    store.remove_staging()
     dist.barrier()
     resume = store.verified_latest()  # checksums: a damaged checkpoint falls back to the one before
     if resume is not None:
@@ -172,8 +173,7 @@ def _train(spec: RunSpec, run: RunDir, rank: int, world: int, started: float,
             # Per-rank RNG streams cannot carry over to another rank count: new ones, keyed by the step.
             seed_everything(t.seed + 1000 * (rank + 1) + step)
             dist.barrier()
-            if rank == 0:
-                store.remove_universal()
+            store.remove_universal()
             log.info("resumed from %s (written by %d workers) at step %d on %d workers",
                      resume.path, resume.world_size, step, world)
         else:
@@ -215,6 +215,7 @@ def _train(spec: RunSpec, run: RunDir, rank: int, world: int, started: float,
                 run_files={"spec.yaml": spec.to_yaml(), "trainer_state.json": json.dumps({"step": step})},
                 keep_last=spec.output.keep_last,
             )
+            push_rank_files(run, spec.output.remote, rank)
             if on_checkpoint is not None:
                 on_checkpoint(published, record or {"step": step})
             meter.exclude(time.perf_counter() - saving_since)
