@@ -32,6 +32,12 @@ class TrainerConfig(BaseModel):
     activation_checkpointing: bool = Field(
         False, description="Recompute each layer's activations in the backward pass (less memory, ~1/3 more compute)."
     )
+    compile: bool = Field(
+        False,
+        description="torch.compile the model through DeepSpeed (`engine.compile()`): on GPUs it fuses the small "
+        "kernels of norms, rotary embeddings and activations (see docs/performance.md); the first steps "
+        "wait for compilation (tens of seconds to minutes).",
+    )
     max_steps: int = Field(300, ge=1, description="Optimizer steps to train for.")
     lr: float = Field(1e-3, gt=0, description="Peak learning rate (AdamW).")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final learning rate as a fraction of the peak.")

@@ -58,6 +58,10 @@ def deepspeed_config(spec: RunSpec, precision: str) -> dict[str, Any]:
         "steps_per_print": 10**9,  # zeroray logs its own metrics
         "wall_clock_breakdown": False,
     }
+    if get_accelerator().device_name() != "cpu":
+        # torch's fused AdamW on GPUs: one kernel over all parameters instead of a kernel per tensor
+        # (foreach); DeepSpeed passes it through to torch.optim.AdamW.
+        config["optimizer"]["params"]["fused"] = True
     if precision == "bf16":
         config["bf16"] = {"enabled": True}
     elif precision == "fp16":

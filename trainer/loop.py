@@ -160,6 +160,9 @@ def _train(spec: RunSpec, run: RunDir, rank: int, world: int, started: float,
     )
     if t.expert_parallel > 1:
         check_engine(engine, t.expert_parallel)
+    if t.compile:
+        engine.compile()  # in place: parameter names, and so checkpoints, stay those of the plain model
+        log.info("model compiled with torch.compile (backend %s)", get_accelerator().get_compile_backend())
     data = BatchStream(spec.data, t.micro_batch_size, rank, world, grad_accum=t.grad_accum_steps)
     step = 0
     if resume is not None:
