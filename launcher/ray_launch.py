@@ -146,7 +146,7 @@ def _fit(trainer, spec: RunSpec, run: RunDir, status: str, latest, started: floa
                     with DriverStop(run.root, spec.trainer.preemption_grace_s, announce) as stop:
                         ray_result = trainer.fit()
                 except TrainingFailedError as exc:
-                    message = explain_failure(exc, run)
+                    message = explain_failure(exc, run, f"{spec.output.location}/checkpoints")
                     write_status(run, "failed", started, message)
                     raise ZerorayError(message) from None
     except KeyboardInterrupt:
@@ -176,10 +176,10 @@ def write_status(run: RunDir, state: str, started: float, message: str | None = 
     write_atomic(run.status, json.dumps(status) + "\n")
 
 
-def explain_failure(exc: Exception, run: RunDir) -> str:
+def explain_failure(exc: Exception, run: RunDir, checkpoints: str) -> str:
     """One paragraph per failed rank instead of Ray's nested tracebacks."""
     failures = getattr(exc, "worker_failures", None) or {}
-    lines = [f"training failed {_last_step(run)}; the last good checkpoint (if any) is in {run.checkpoints}."]
+    lines = [f"training failed {_last_step(run)}; the last good checkpoint (if any) is in {checkpoints}."]
     for rank, err in sorted(failures.items()):
         root = err
         while getattr(root, "cause", None) is not None or root.__cause__ is not None:

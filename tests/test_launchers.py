@@ -27,9 +27,10 @@ def _env(tmp_path: Path) -> dict:
     return env
 
 
-def test_zeroray_train_cli_zero0_prints_parseable_progress_and_a_summary(tiny_config, small_corpus, tmp_path,
-                                                                         monkeypatch):
-    """Also: evaluation on the held-out split, MFU, memory per rank and the MLflow tracker."""
+def test_zeroray_cli_trains_exports_lists_resumes_and_plots(tiny_config, small_corpus, tmp_path, monkeypatch):
+    """`zeroray train` (ZeRO-0: progress lines, evaluation on the held-out split, MFU, memory per rank, the
+    MLflow and TensorBoard trackers), then `zeroray export`, `zeroray runs`, `zeroray resume` (the finished
+    run trained further) and `zeroray plot`, all as subprocesses of the console script."""
     zeroray = shutil.which("zeroray", path=str(Path(sys.executable).parent)) or "zeroray"
     proc = subprocess.run(
         [zeroray, "train", str(tiny_config), "trainer.zero_stage=0", "trainer.max_steps=4", "trainer.warmup_steps=1",
@@ -72,17 +73,75 @@ def test_zeroray_train_cli_zero0_prints_parseable_progress_and_a_summary(tiny_co
     last_loss = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["loss"]
     check_export(run, tmp_path / "hf", last_loss, exported=True)
 
+    def cli(*args, timeout=240):
+        proc = subprocess.run([zeroray, *map(str, args)], capture_output=True, text=True, env=_env(tmp_path),
+                              timeout=timeout)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc
 
-def test_torchrun_runs_the_same_trainer_with_zero1(tiny_config, tmp_path):
+    runs_dir = tmp_path / "runs"
+    rows = json.loads(cli("runs", "--dir", runs_dir, "--json").stdout)
+    assert [(r["name"], r["status"], r["step"], r["checkpoint_step"]) for r in rows] == [("cli", "finished", 4, 4)]
+    assert "cli" in cli("runs", "--dir", runs_dir).stdout
+
+    cli("resume", run, "trainer.max_steps=6")
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    row = json.loads(cli("runs", "--dir", runs_dir, "--json").stdout)[0]
+    assert (row["status"], row["step"], row["loss"]) == ("finished", 6, records[-1]["loss"])
+
+    tensorboard = tensorboard_scalars(run / "tensorboard")
+    assert [step for step, _ in tensorboard["loss"]] == [1, 2, 3, 4, 5, 6]
+    assert [v for _, v in tensorboard["loss"]] == pytest.approx([r["loss"] for r in records], rel=1e-6)
+
+    png = tmp_path / "loss.png"
+    assert "wrote" in cli("plot", run, run, "--metric", "loss", "-o", png).stdout
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+    bad = subprocess.run([zeroray, "plot", run, "--metric", "nope"], capture_output=True, text=True,
+                         env=_env(tmp_path), timeout=60)
+    assert bad.returncode == 2 and "has no metric 'nope'" in bad.stderr and "loss" in bad.stderr
+
+
+def _first_step_loss(spec, world: int) -> float:
+    """Step 1's loss as the plain (uncompiled) model computes it: the trainer's initial weights (same
+    seed), in the run's precision, on each rank's first micro-batch, averaged over the ranks."""
+    import torch
+
+    import models
+    from data_pipelines import BatchStream
+    from trainer.ds_config import resolve_precision
+    from trainer.loop import seed_everything
+
+    seed_everything(spec.trainer.seed)
+    model = models.build(spec.model)
+    if resolve_precision(spec) == "bf16":
+        model = model.to(torch.bfloat16)  # DeepSpeed's bf16 mode holds the module in bf16
+    losses = []
+    with torch.no_grad():
+        for rank in range(world):
+            stream = BatchStream(spec.data, spec.trainer.micro_batch_size, rank, world,
+                                 grad_accum=spec.trainer.grad_accum_steps)
+            losses.append(model(**next(stream)).loss.float().item())
+    return sum(losses) / world
+
+
+def test_torchrun_runs_the_same_trainer_with_zero1_compiled(tiny_config, tmp_path):
+    """torchrun instead of Ray, with `trainer.compile`: the compiled model trains, and its first loss is the
+    plain model's."""
+    from launcher.spec import load_spec
+
+    overrides = ["trainer.zero_stage=1", "trainer.max_steps=6", "trainer.warmup_steps=1", "output.name=torchrun",
+                 "trainer.compile=true"]
     torchrun = Path(sys.executable).parent / "torchrun"
-    cmd = [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "trainer", str(tiny_config),
-           "trainer.zero_stage=1", "trainer.max_steps=6", "trainer.warmup_steps=1", "output.name=torchrun"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(tmp_path), timeout=240)
+    cmd = [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "trainer", str(tiny_config), *overrides]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(tmp_path), timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "finished at step 6" in proc.stdout
     run = tmp_path / "runs" / "torchrun"
+    assert "model compiled with torch.compile" in (run / "logs" / "rank_0.log").read_text()
     losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 6 and losses[-1] < losses[0]
+    assert losses[0] == pytest.approx(_first_step_loss(load_spec(tiny_config, overrides), world=2), rel=2e-2)
     assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000006"
 
 
@@ -103,42 +162,6 @@ def tensorboard_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
             for value in event.summary.value:
                 scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
     return scalars
-
-
-def test_runs_resume_plot_and_tensorboard_commands(tiny_config, tmp_path):
-    """`zeroray runs`, `zeroray resume` (a finished run trained further), `zeroray plot`, and the
-    TensorBoard files the driver writes, all from subprocesses."""
-    zeroray = shutil.which("zeroray", path=str(Path(sys.executable).parent)) or "zeroray"
-
-    def cli(*args, timeout=240):
-        proc = subprocess.run([zeroray, *map(str, args)], capture_output=True, text=True, env=_env(tmp_path),
-                              timeout=timeout)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        return proc
-
-    cli("train", tiny_config, "trainer.zero_stage=1", "trainer.max_steps=3", "trainer.warmup_steps=1",
-        "trainer.checkpoint_every=0", "output.name=first")
-    runs_dir, run = tmp_path / "runs", tmp_path / "runs" / "first"
-    rows = json.loads(cli("runs", "--dir", runs_dir, "--json").stdout)
-    assert [(r["name"], r["status"], r["step"], r["checkpoint_step"]) for r in rows] == [("first", "finished", 3, 3)]
-    assert "first" in cli("runs", "--dir", runs_dir).stdout
-
-    cli("resume", run, "trainer.max_steps=5")
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == [1, 2, 3, 4, 5]
-    row = json.loads(cli("runs", "--dir", runs_dir, "--json").stdout)[0]
-    assert (row["status"], row["step"], row["loss"]) == ("finished", 5, records[-1]["loss"])
-
-    scalars = tensorboard_scalars(run / "tensorboard")
-    assert [step for step, _ in scalars["loss"]] == [1, 2, 3, 4, 5]
-    assert [v for _, v in scalars["loss"]] == pytest.approx([r["loss"] for r in records], rel=1e-6)
-
-    png = tmp_path / "loss.png"
-    assert "wrote" in cli("plot", run, run, "--metric", "loss", "-o", png).stdout
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
-    bad = subprocess.run([zeroray, "plot", run, "--metric", "nope"], capture_output=True, text=True,
-                         env=_env(tmp_path), timeout=60)
-    assert bad.returncode == 2 and "has no metric 'nope'" in bad.stderr and "loss" in bad.stderr
 
 
 def test_plot_draws_each_runs_metric(tmp_path, tiny_config):
