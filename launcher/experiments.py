@@ -318,6 +318,10 @@ def run_state(run: PlannedRun) -> Literal["finished", "partial", "new"]:
     if not d.spec.is_file():
         return "new"
     saved = yaml.safe_load(d.spec.read_text()) or {}
+    try:  # through today's schema: a key a newer zeroray added, at its default, changes nothing
+        saved = parse_spec(saved, origin=str(d.spec)).to_dict()
+    except SpecError:
+        pass  # a key that no longer exists: compared as written, so it counts as a change
     mine = run.spec.to_dict()
     changed = [k for k in mine if saved.get(k) != mine[k]]
     latest = CheckpointStore(d.checkpoints, 0, 1).latest()

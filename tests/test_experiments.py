@@ -146,3 +146,23 @@ def test_dry_run_prints_the_plan(in_checkout):
     assert "- bytes (baseline): byte-level encoder–decoder, no GBST" in out
     assert "overrides: model.gbst=false model.downsample=1" in out
     assert not (in_checkout / "runs").exists()  # nothing trained, nothing written
+
+
+def test_a_run_saved_by_an_older_zeroray_is_still_the_same_plan(in_checkout):
+    """A spec saved before a key existed (here trainer.compile, at its default) counts as finished; a
+    changed value is refused by section."""
+    import yaml
+
+    from tests.test_checkpoint import publish
+
+    run = ex.plan(ex.load_experiment("convbert"), "smoke", 1, in_checkout / "exp").runs[0]
+    saved = run.spec.to_dict()
+    del saved["trainer"]["compile"]
+    run.run_dir.mkdir(parents=True)
+    (run.run_dir / "spec.yaml").write_text(yaml.safe_dump(saved))
+    publish(run.run_dir / "checkpoints", run.spec.trainer.max_steps)
+    assert ex.run_state(run) == "finished"
+    saved["trainer"]["lr"] *= 2
+    (run.run_dir / "spec.yaml").write_text(yaml.safe_dump(saved))
+    with pytest.raises(ZerorayError, match="with another trainer section"):
+        ex.run_state(run)
