@@ -47,11 +47,14 @@ def s3_server() -> Iterator[S3Server]:
         "iam", endpoint_url=endpoint, region_name=REGION, aws_access_key_id="testing",
         aws_secret_access_key="testing",
     )
-    iam.create_user(UserName="zeroray-test")
-    iam.put_user_policy(UserName="zeroray-test", PolicyName="s3", PolicyDocument=json.dumps(
+    # moto's accounts live in the process, not in the server: a second server in the same test session
+    # sees the first one's user, so each gets a name of its own.
+    user = f"zeroray-test-{port}"
+    iam.create_user(UserName=user)
+    iam.put_user_policy(UserName=user, PolicyName="s3", PolicyDocument=json.dumps(
         {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}
     ))
-    access = iam.create_access_key(UserName="zeroray-test")["AccessKey"]
+    access = iam.create_access_key(UserName=user)["AccessKey"]
     unauthenticated_requests = moto.settings.INITIAL_NO_AUTH_ACTION_COUNT
     moto.settings.INITIAL_NO_AUTH_ACTION_COUNT = 0
     try:
