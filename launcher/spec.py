@@ -44,8 +44,9 @@ class OutputConfig(BaseModel):
     keep_last: int = Field(3, ge=1, description="Checkpoints kept; older ones are deleted after a new one lands.")
     storage_options: dict[str, Any] = Field(
         default_factory=dict,
-        description="fsspec options for a URL output.dir, as they are (e.g. endpoint_url, key, secret, "
-        "client_kwargs); empty: the provider's own environment variables and credential files.",
+        description="fsspec options for a URL output.dir, as they are (e.g. endpoint_url, client_kwargs); empty: "
+        "the provider's own environment variables and credential files. They are saved with the run's spec "
+        "(spec.yaml, on the bucket too): keep secrets in the environment, not here.",
     )
     cache_dir: str = Field(
         "~/.cache/zeroray/runs",

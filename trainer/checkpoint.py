@@ -174,7 +174,10 @@ class CheckpointStore:
 
     @property
     def _host_leader(self) -> bool:
-        return self.remote is None or self._hosts.index(self._hosts[self.rank % len(self._hosts)]) == self.rank
+        """The rank that looks after its node's working copy; without a remote, one folder: rank 0."""
+        if self.remote is None:
+            return self.rank == 0
+        return self._hosts.index(self._hosts[self.rank % len(self._hosts)]) == self.rank
 
     # ---- reading --------------------------------------------------------------------------
     def published(self) -> list[Checkpoint]:
