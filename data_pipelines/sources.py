@@ -37,7 +37,7 @@ class SourceError(ValueError):
     """A data source cannot be opened; the message says which and what to do."""
 
 
-def _is_url(path: str) -> bool:
+def is_url(path: str) -> bool:
     return "://" in path
 
 
@@ -71,12 +71,12 @@ def _url_files(url: str, storage_options: dict) -> list[str]:
     except Exception as exc:  # each filesystem raises its own types (botocore, aiohttp, gcsfs…)
         raise SourceError(
             f"data source {url!r}: listing its files failed ({type(exc).__name__}: {exc}). Check the URL and "
-            f"the source's storage_options ({_option_keys(storage_options)}): credentials, endpoint_url, region"
+            f"the source's storage_options ({option_keys(storage_options)}): credentials, endpoint_url, region"
         ) from None
     return sorted(fs.unstrip_protocol(p) for p in paths)
 
 
-def _option_keys(storage_options: dict) -> str:
+def option_keys(storage_options: dict) -> str:
     # Keys only: the values are credentials and must not reach logs.
     return "keys: " + ", ".join(sorted(storage_options)) if storage_options else "none given"
 
@@ -99,8 +99,8 @@ def open_source(src: SourceConfig, text_field: str) -> IterableDataset:
 
     JSON/text sources give rows {text_field, BAD_COLUMN} (see data_pipelines.readers); `text_field` is
     the JSON key that holds each document's text (data.text_field)."""
-    storage_options = dict(src.storage_options) if _is_url(src.path) else {}
-    files = _url_files(src.path, storage_options) if _is_url(src.path) else _local_files(src.path)
+    storage_options = dict(src.storage_options) if is_url(src.path) else {}
+    files = _url_files(src.path, storage_options) if is_url(src.path) else _local_files(src.path)
     if files:
         fmt = _format_of(files, src.format, src.path)
         if fmt in LINE_FORMATS:
@@ -112,9 +112,9 @@ def open_source(src: SourceConfig, text_field: str) -> IterableDataset:
                             "storage_options": storage_options},
             )
         return load_dataset(fmt, data_files=files, split="train", streaming=True, storage_options=storage_options)
-    if _is_url(src.path):
+    if is_url(src.path):
         raise SourceError(
-            f"data source {src.path!r} matches no files (storage_options {_option_keys(storage_options)}). "
+            f"data source {src.path!r} matches no files (storage_options {option_keys(storage_options)}). "
             f"Check the bucket and prefix; a folder URL lists files with the extensions "
             f"{', '.join(FORMAT_BY_EXTENSION)}"
         )

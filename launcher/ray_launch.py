@@ -98,9 +98,8 @@ def launch(spec: RunSpec, fresh: bool = False, ray_temp_dir: str | None = None, 
     preflight_data(spec.sized_for(spec.cluster.max_workers))
     if spec.eval.sources:
         held_out_batches(spec, 0, spec.cluster.max_workers)  # a wrong eval path fails here, not in a worker
-    run, status = prepare_run_dir(spec, fresh)
+    run, status, latest = prepare_run_dir(spec, fresh)
     announce(status)
-    latest = CheckpointStore.of_run(spec.output).latest()
     if latest is not None and latest.step >= spec.trainer.max_steps:
         announce(f"the run already reached step {latest.step} (trainer.max_steps={spec.trainer.max_steps}); "
                  f"raise trainer.max_steps to continue it, or pass --fresh to start over")

@@ -12,7 +12,7 @@ import yaml
 from data_pipelines import BatchStream, DataConfig, LayoutError, SourceError
 from launcher.errors import ZerorayError
 from launcher.spec import RunSpec
-from trainer.checkpoint import CheckpointStore
+from trainer.checkpoint import Checkpoint, CheckpointStore
 from trainer.remote_folder import RemoteStorageError
 from trainer.run_dir import RunDir
 from trainer.run_upload import pull_run_files
@@ -38,8 +38,9 @@ def preflight_data(spec: RunSpec) -> None:
         ) from None
 
 
-def prepare_run_dir(spec: RunSpec, fresh: bool) -> tuple[RunDir, str]:
-    """Create (or reuse) the run directory. Returns it with a line saying what happened.
+def prepare_run_dir(spec: RunSpec, fresh: bool) -> tuple[RunDir, str, Checkpoint | None]:
+    """Create (or reuse) the run directory. Returns it with a line saying what happened and the checkpoint
+    the run resumes from (listing them costs a scan of the bucket on remote storage: done once, here).
 
     A relaunch reuses the folder and resumes; a relaunch with a different model or data is
     refused (it would mix two runs' checkpoints) unless there is nothing to lose yet.
@@ -56,11 +57,11 @@ def prepare_run_dir(spec: RunSpec, fresh: bool) -> tuple[RunDir, str]:
     if fresh and remote is not None and remote.sizes():
         moved = remote.rename(f"{posixpath.basename(remote.root)}.old-{stamp}")
         shutil.rmtree(run.root, ignore_errors=True)  # only a working copy
-        status = f"--fresh: moved the previous run to {moved}"
+        status, latest = f"--fresh: moved the previous run to {moved}", None
     elif run.root.exists() and fresh:
         moved = run.root.with_name(f"{run.root.name}.old-{stamp}")
         shutil.move(str(run.root), moved)
-        status = f"--fresh: moved the previous run to {moved}"
+        status, latest = f"--fresh: moved the previous run to {moved}", None
     elif latest is not None:
         if remote is not None:
             pull_run_files(run, remote)  # the driver may be a new machine: the saved spec and progress
@@ -72,7 +73,7 @@ def prepare_run_dir(spec: RunSpec, fresh: bool) -> tuple[RunDir, str]:
     run.spec.write_text(spec.to_yaml())
     if remote is not None:
         remote.upload(run.spec, "spec.yaml")
-    return run, status
+    return run, status, latest
 
 
 # data keys that change how fast or how strictly the data is read, not which data or in what order.

@@ -26,9 +26,10 @@ from pydantic import (
 import models
 from cluster.config import ClusterConfig
 from data_pipelines.config import DataConfig, SourceConfig
+from data_pipelines.sources import is_url
 from launcher.errors import SpecError
 from trainer.config import DebugConfig, TrainerConfig, check_elastic_batch
-from trainer.remote_folder import RemoteFolder, check_url, is_url
+from trainer.remote_folder import RemoteFolder, check_url
 
 
 class OutputConfig(BaseModel):

@@ -25,7 +25,7 @@ def main(argv: list[str]) -> int:
             from launcher.run_prep import preflight_data, prepare_run_dir
 
             preflight_data(spec.sized_for(int(os.environ.get("WORLD_SIZE", "1"))))
-            _, status = prepare_run_dir(spec, fresh=False)
+            _, status, _ = prepare_run_dir(spec, fresh=False)
             print(f"zeroray: {status}", file=sys.stderr)
     except ZerorayError as exc:
         print(f"zeroray: error: {exc}", file=sys.stderr)

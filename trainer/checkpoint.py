@@ -204,8 +204,10 @@ class CheckpointStore:
         return str(pointer), pointer.read_text().strip() if pointer.is_file() else None
 
     def latest(self) -> Checkpoint | None:
+        return self._latest_of(self.published())
+
+    def _latest_of(self, published: list[Checkpoint]) -> Checkpoint | None:
         pointer, tag = self._pointer()
-        published = self.published()
         for ckpt in published:
             if ckpt.tag == tag:
                 return ckpt
@@ -241,7 +243,7 @@ class CheckpointStore:
         reported and the one before it tried. Collective: call on every rank (each reads its share).
         A remote checkpoint is downloaded to the working copy first (once per node)."""
         candidates = self.published()
-        chosen = self.latest()
+        chosen = self._latest_of(candidates)
         candidates = [c for c in candidates if chosen is not None and c.step <= chosen.step]
         while candidates:
             ckpt = candidates.pop()

@@ -17,6 +17,8 @@ from typing import Any
 
 import fsspec
 
+from data_pipelines.sources import option_keys
+
 
 class RemoteStorageError(RuntimeError):
     """The remote run directory cannot be reached or written; the message says which and how to fix it."""
@@ -24,10 +26,6 @@ class RemoteStorageError(RuntimeError):
 
 # Filesystems that each process holds on its own: ranks and the driver would not see one another's files.
 PROCESS_LOCAL_PROTOCOLS = ("memory",)
-
-
-def is_url(path: str) -> bool:
-    return "://" in path
 
 
 def check_url(url: str) -> None:
@@ -142,9 +140,8 @@ class RemoteFolder:
             self.write_text(probe, "ok\n")
             self.remove(probe)
         except Exception as exc:  # botocore, gcsfs, adlfs and aiohttp each raise their own types
-            keys = ", ".join(sorted(self.storage_options)) or "none given"
             raise RemoteStorageError(
                 f"output.dir {self.url} cannot be written ({type(exc).__name__}: {exc}). Check that the bucket "
                 f"exists, the credentials may write to it, and the endpoint is right: output.storage_options "
-                f"(keys: {keys}) or the provider's environment variables (AWS_* for s3://)"
+                f"({option_keys(self.storage_options)}) or the provider's environment variables (AWS_* for s3://)"
             ) from None
