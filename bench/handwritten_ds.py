@@ -16,8 +16,8 @@ import torch
 import torch.distributed as dist
 
 import models
-from launcher.spec import load_spec
 from trainer.ds_config import deepspeed_config, resolve_precision
+from trainer.spec import load_spec
 
 
 def main(config: str, steps: int, warmup: int, overrides: list[str]) -> None:

@@ -23,7 +23,7 @@ import torch
 from peak_rss import peak_bytes, start_phase
 
 import models
-from launcher.spec import load_spec
+from trainer.spec import load_spec
 
 REPO = Path(__file__).resolve().parent.parent
 MOE_8_TOP2 = "model.moe={num_experts: 8, top_k: 2, capacity_factor: 0.0}"

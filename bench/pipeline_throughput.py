@@ -79,7 +79,7 @@ def measure(make, spec, batches: int) -> dict:
 
 
 def main(config: str, batches: int, repeats: int) -> dict:
-    from launcher.spec import load_spec
+    from trainer.spec import load_spec
 
     spec = load_spec(config, ["cluster.workers=1"])
     makers = {"zeroray": zeroray_batches, "naive": naive_batches}

@@ -140,8 +140,8 @@ def measure_stage(config: str, stage: int, overrides: list[str]) -> dict:
     from peak_rss import peak_bytes, start_phase
 
     import models
-    from launcher.spec import load_spec
     from trainer.ds_config import deepspeed_config, resolve_precision
+    from trainer.spec import load_spec
 
     rss_before = start_phase()
     spec = load_spec(config, [*overrides, f"trainer.zero_stage={stage}"])
@@ -175,7 +175,7 @@ def main(argv: list[str]) -> None:
 
     config, stages, overrides = argv[0], [int(s) for s in argv[1].split(",")], argv[2:]
     deepspeed.init_distributed(dist_backend="gloo")
-    from launcher.spec import load_spec
+    from trainer.spec import load_spec
 
     torch.set_num_threads(load_spec(config, overrides).cluster.cpus_per_worker)
     per_stage = []

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
-from launcher.errors import ZerorayError
+from trainer.errors import ZerorayError
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 

@@ -9,7 +9,7 @@ import traceback
 from pathlib import Path
 
 from launcher import bench_cmd, cluster_cli, jobs
-from launcher.errors import RunPreempted, ZerorayError
+from trainer.errors import RunPreempted, ZerorayError
 
 EPILOG = "Run `zeroray COMMAND --help` for a command's options. Docs: docs/ in the repository."
 
@@ -174,7 +174,7 @@ def cmd_runs(args) -> int:
 
 def cmd_resume(args) -> int:
     from launcher.runs import run_spec
-    from launcher.spec import apply_overrides, parse_spec, resolve
+    from trainer.spec import apply_overrides, parse_spec, resolve
 
     saved = run_spec(args.run_dir)
     spec = resolve(parse_spec(apply_overrides(saved.to_dict(), args.overrides), origin=str(args.run_dir / "spec.yaml")))
@@ -205,7 +205,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from launcher.spec import load_spec
+    from trainer.spec import load_spec
 
     overrides = args.overrides + ([f"cluster.address={args.address}"] if args.address else [])
     return _launch_and_summarise(load_spec(args.config, overrides), args.fresh, args.progress_interval)
@@ -231,8 +231,8 @@ def _launch_and_summarise(spec, fresh: bool, progress_interval: float) -> int:
 
 
 def cmd_config_show(args) -> int:
-    from launcher.spec import load_spec
     from trainer.ds_config import deepspeed_config, resolve_precision
+    from trainer.spec import load_spec
 
     spec = load_spec(args.config, args.overrides)
     print("# run spec (resolved)")
@@ -258,7 +258,7 @@ def cmd_data_prepare(args) -> int:
 def cmd_data_inspect(args) -> int:
     from data_pipelines import LayoutError, SourceError
     from data_pipelines.inspect_data import lines
-    from launcher.spec import load_spec
+    from trainer.spec import load_spec
 
     spec = load_spec(args.config, args.overrides)
     try:
@@ -271,7 +271,7 @@ def cmd_data_inspect(args) -> int:
 def cmd_data_trace(args) -> int:
     from data_pipelines import LayoutError, SourceError
     from data_pipelines.trace import trace
-    from launcher.spec import load_spec
+    from trainer.spec import load_spec
 
     spec = load_spec(args.config, args.overrides)
     world = args.world or spec.cluster.max_workers

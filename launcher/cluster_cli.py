@@ -15,7 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from launcher.errors import ZerorayError
+from trainer.errors import ZerorayError
 
 RAY_ACTIONS = {"up": ["up"], "down": ["down"], "status": ["exec"]}  # + FILE (+ "ray status" for status)
 

@@ -15,9 +15,10 @@ import models
 from cluster.config import ClusterConfig
 from data_pipelines.config import DataConfig, SourceConfig
 from data_pipelines.objectives import CausalObjective, MLMObjective, SpanCorruptionObjective
-from launcher.spec import EvalConfig, OutputConfig
 from models.layers.moe import MoEConfig
 from trainer.config import DebugConfig, TrainerConfig
+from trainer.evaluation import EvalConfig
+from trainer.spec import OutputConfig
 
 
 def _type_name(annotation) -> str:

@@ -28,9 +28,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 import models
-from launcher.errors import SpecError, ZerorayError
-from launcher.spec import RunSpec, apply_overrides, parse_spec, read_yaml, resolve
+from trainer.errors import SpecError, ZerorayError
 from trainer.run_dir import RunDir
+from trainer.spec import RunSpec, apply_overrides, parse_spec, read_yaml, resolve
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "configs"

@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 
 import models
-from launcher.errors import ZerorayError
-from launcher.spec import RunSpec, read_spec
 from trainer.checkpoint import Checkpoint, CheckpointStore
+from trainer.errors import ZerorayError
 from trainer.run_dir import RunDir
+from trainer.spec import RunSpec, read_spec
 
 # Loaded by `trust_remote_code=True`; they re-export the installed zeroray classes.
 REMOTE_CODE = {

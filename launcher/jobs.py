@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from launcher.errors import SpecError, ZerorayError
+from trainer.errors import SpecError, ZerorayError
 
 PACKAGES = ("launcher", "trainer", "models", "data_pipelines", "cluster")  # what pyproject installs
 SPEC_FILE = "spec.yaml"
@@ -42,7 +42,7 @@ class Submission:
 
     config: str
     overrides: tuple[str, ...]
-    spec: object  # launcher.spec.RunSpec
+    spec: object  # trainer.spec.RunSpec
 
     @property
     def name(self) -> str:
@@ -70,7 +70,7 @@ class Submission:
 def prepare(config: str | Path, overrides: list[str], name: str | None = None) -> Submission:
     """Config file + overrides → a validated spec, as `load_spec` checks it, minus what only the
     cluster can check: data paths and the tokenizer are read there (they may not exist here)."""
-    from launcher.spec import apply_overrides, parse_spec, read_yaml
+    from trainer.spec import apply_overrides, parse_spec, read_yaml
 
     raw = apply_overrides(read_yaml(config), list(overrides))
     output = raw.setdefault("output", {})

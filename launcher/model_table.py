@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 import models
-from launcher.spec import load_spec, read_yaml
+from trainer.spec import load_spec, read_yaml
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import psutil
 
-from launcher.errors import ZerorayError
-from launcher.spec import RunSpec, read_spec
 from trainer.checkpoint import CheckpointStore
+from trainer.errors import ZerorayError
 from trainer.run_dir import RunDir
+from trainer.spec import RunSpec, read_spec
 
 
 def read_metrics(run: RunDir) -> list[dict]:

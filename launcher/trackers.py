@@ -18,9 +18,9 @@ import re
 import time
 from pathlib import Path
 
-from launcher.errors import ZerorayError
-from launcher.spec import RunSpec
+from trainer.errors import ZerorayError
 from trainer.run_dir import RunDir
+from trainer.spec import RunSpec
 
 log = logging.getLogger("zeroray.trackers")
 

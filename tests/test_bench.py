@@ -9,7 +9,7 @@ import json
 import pytest
 
 from launcher.bench_cmd import bench_module, parse_sections
-from launcher.errors import ZerorayError
+from trainer.errors import ZerorayError
 
 zero_memory = bench_module("zero_memory")
 suite = bench_module("suite")

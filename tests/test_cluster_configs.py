@@ -129,7 +129,7 @@ def test_ray_up_starts_ray_with_token_auth(path):
 
 @pytest.mark.parametrize("path", RAY_UP, ids=lambda p: p.name)
 def test_ray_up_gpu_nodes_hold_the_1b_run(path):
-    from launcher.spec import parse_spec, read_yaml
+    from trainer.spec import parse_spec, read_yaml
 
     cluster = parse_spec(read_yaml(REPO / "configs" / "llama_1b.yaml")).cluster
     config = load(path)
@@ -219,7 +219,7 @@ def test_kuberay_ray_version_is_the_pinned_one(path):
 
 def test_rayjob_entrypoint_is_a_zeroray_run_that_fits_its_cluster():
     from launcher.cli import build_parser
-    from launcher.spec import apply_overrides, parse_spec, read_yaml
+    from trainer.spec import apply_overrides, parse_spec, read_yaml
 
     doc = load(REPO / "cluster" / "kuberay" / "rayjob.yaml")
     assert doc["spec"]["shutdownAfterJobFinishes"] is True

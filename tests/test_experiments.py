@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from launcher import experiments as ex
-from launcher.errors import SpecError, ZerorayError
-from launcher.spec import load_spec
+from trainer.errors import SpecError, ZerorayError
+from trainer.spec import load_spec
 
 ZERORAY = shutil.which("zeroray", path=str(Path(sys.executable).parent)) or "zeroray"
 

@@ -21,12 +21,12 @@ import pytest
 import torch
 
 import models
-from launcher.errors import SpecError
-from launcher.spec import load_spec
 from models.layers.expert_parallel import ExpertParallelMoE, shard_experts
 from models.layers.moe import MoELayer
 from models.llama import LlamaConfig
 from models.widenet import WideNetConfig
+from trainer.errors import SpecError
+from trainer.spec import load_spec
 
 MOE = "model.moe={num_experts: 4, top_k: 2, capacity_factor: 1.0}"
 COMMON = ["trainer.precision=fp32", "trainer.max_steps=4", "trainer.warmup_steps=1", "trainer.checkpoint_every=2",

@@ -20,13 +20,13 @@ import torch.distributed as dist
 import yaml
 
 from cluster.local import SimulatedCluster, scaling_config
-from launcher.errors import SpecError
 from launcher.ray_launch import launch
-from launcher.spec import load_spec
 from tests.conftest import REPO, write_config
 from trainer.checkpoint import Checkpoint, CheckpointError, CheckpointStore
 from trainer.config import DebugConfig
+from trainer.errors import SpecError
 from trainer.preemption import STOP_FILE, DriverStop, InjectedFailure, StopAgreement, after_step
+from trainer.spec import load_spec
 
 STEPS = 16
 # fp32 so that a resumed step computes exactly what the uninterrupted one did.

@@ -19,9 +19,9 @@ import pytest
 import yaml
 
 from launcher.cli import main
-from launcher.errors import SpecError
 from launcher.jobs import expand_sweep, split_values, sweep_name
 from tests.conftest import write_config
+from trainer.errors import SpecError
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent

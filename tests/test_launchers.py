@@ -128,7 +128,7 @@ def _first_step_loss(spec, world: int) -> float:
 def test_torchrun_runs_the_same_trainer_with_zero1_compiled(tiny_config, tmp_path):
     """torchrun instead of Ray, with `trainer.compile`: the compiled model trains, and its first loss is the
     plain model's."""
-    from launcher.spec import load_spec
+    from trainer.spec import load_spec
 
     overrides = ["trainer.zero_stage=1", "trainer.max_steps=6", "trainer.warmup_steps=1", "output.name=torchrun",
                  "trainer.compile=true"]
@@ -169,7 +169,7 @@ def test_plot_draws_each_runs_metric(tmp_path, tiny_config):
     import yaml
 
     from launcher.runs import plot_runs
-    from launcher.spec import load_spec
+    from trainer.spec import load_spec
 
     spec = load_spec(tiny_config)
     runs = []

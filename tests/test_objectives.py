@@ -11,8 +11,8 @@ import torch
 
 from data_pipelines import BatchStream, DataConfig
 from data_pipelines.objectives import IGNORE, MLMObjective, SpanCorruptionObjective, span_lengths
-from launcher.errors import SpecError
-from launcher.spec import load_spec
+from trainer.errors import SpecError
+from trainer.spec import load_spec
 
 VOCAB, EOS = 257, 256
 

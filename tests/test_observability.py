@@ -15,13 +15,13 @@ import struct
 import pytest
 import torch
 
-from launcher.errors import SpecError, ZerorayError
 from launcher.progress import format_line
-from launcher.spec import load_spec
 from launcher.trackers import Trackers, open_trackers, scalars
+from trainer.errors import SpecError, ZerorayError
 from trainer.evaluation import Evaluator, held_out_batches
 from trainer.metrics import gpu_peak_flops
 from trainer.run_dir import RunDir
+from trainer.spec import load_spec
 
 
 def records(n: int = 3) -> list[dict]:

@@ -12,15 +12,15 @@ import time
 
 import pytest
 
-from launcher.errors import SpecError, ZerorayError
 from launcher.ray_launch import launch
-from launcher.run_prep import prepare_run_dir
-from launcher.spec import load_spec
 from tests.conftest import write_config
 from tests.export_check import check_export
 from tests.s3_server import s3_server
 from trainer.checkpoint import MANIFEST, CheckpointStore, tag_for
+from trainer.errors import SpecError, ZerorayError
 from trainer.remote_folder import RemoteFolder
+from trainer.run_prep import prepare_run_dir
+from trainer.spec import load_spec
 
 BUCKET = "zr-runs"
 

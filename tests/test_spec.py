@@ -13,9 +13,9 @@ import yaml
 from pydantic import ValidationError
 
 from launcher.cli import main
-from launcher.errors import SpecError
-from launcher.spec import apply_overrides, load_spec
 from tests.conftest import write_config
+from trainer.errors import SpecError
+from trainer.spec import apply_overrides, load_spec
 
 
 def run_cli(capsys, *argv) -> tuple[int, str]:

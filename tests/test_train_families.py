@@ -9,8 +9,8 @@ import math
 import pytest
 
 from launcher.ray_launch import launch
-from launcher.spec import load_spec
 from tests.export_check import check_export
+from trainer.spec import load_spec
 
 pytestmark = pytest.mark.slow
 

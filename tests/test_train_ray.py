@@ -7,9 +7,9 @@ import shutil
 
 import pytest
 
-from launcher.errors import ZerorayError
 from launcher.ray_launch import launch
-from launcher.spec import load_spec
+from trainer.errors import ZerorayError
+from trainer.spec import load_spec
 
 pytestmark = pytest.mark.slow
 

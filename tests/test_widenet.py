@@ -155,8 +155,8 @@ def test_dense_ffn_is_one_expert_and_has_no_routing():
 
 
 def test_baselines_come_from_overrides_and_expert_parallelism_needs_the_moe(tiny_config):
-    from launcher.errors import SpecError
-    from launcher.spec import load_spec
+    from trainer.errors import SpecError
+    from trainer.spec import load_spec
 
     base = ["model={name: widenet, d_model: 64, n_heads: 4, max_seq_len: 64}", "data.objective={kind: mlm}"]
     spec = load_spec(tiny_config, [*base, "model.share=false", "model.moe=null"])

@@ -9,20 +9,20 @@ from __future__ import annotations
 import os
 import sys
 
-from launcher.errors import ZerorayError
+from trainer.errors import ZerorayError
 
 
 def main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__.strip())
         return 0 if argv else 2
-    from launcher.spec import load_spec
     from trainer.loop import train
+    from trainer.spec import load_spec
 
     try:
         spec = load_spec(argv[0], argv[1:])
         if int(os.environ.get("RANK", "0")) == 0:
-            from launcher.run_prep import preflight_data, prepare_run_dir
+            from trainer.run_prep import preflight_data, prepare_run_dir
 
             preflight_data(spec.sized_for(int(os.environ.get("WORLD_SIZE", "1"))))
             _, status, _ = prepare_run_dir(spec, fresh=False)

@@ -167,7 +167,7 @@ class CheckpointStore:
 
     @classmethod
     def of_run(cls, output, rank: int = 0, world_size: int = 1) -> CheckpointStore:
-        """The store of a run's `output` section (launcher.spec.OutputConfig): local, or remote + working copy."""
+        """The store of a run's `output` section (trainer.spec.OutputConfig): local, or remote + working copy."""
         remote = output.remote
         return cls(Path(output.run_dir) / "checkpoints", rank, world_size,
                    remote.child("checkpoints") if remote is not None else None)

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from deepspeed.accelerator import get_accelerator
 
-from launcher.spec import RunSpec
+from trainer.spec import RunSpec
 
 
 def bf16_supported() -> bool:

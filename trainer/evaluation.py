@@ -11,14 +11,42 @@ which ZeRO-3 needs: each forward gathers parameters from all ranks.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
-from pydantic import ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from data_pipelines import BatchStream, DataConfig, LayoutError, SourceError
+from data_pipelines import BatchStream, DataConfig, LayoutError, SourceConfig, SourceError
 from data_pipelines.objectives import IGNORE
-from launcher.errors import ZerorayError
-from launcher.spec import RunSpec
+from trainer.errors import ZerorayError
+
+if TYPE_CHECKING:
+    from trainer.spec import RunSpec
+
+
+
+class EvalConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    sources: tuple[SourceConfig, ...] = Field(
+        (),
+        description="Held-out data, in the shape of data.sources (e.g. the val/ folder `zeroray data prepare` "
+        "writes); it goes through the run's tokenizer and objective. Empty = no evaluation.",
+    )
+    every: int = Field(0, ge=0, description="Steps between evaluations; 0 = only after the last step.")
+    batches: int = Field(
+        4, ge=1, description="Micro-batches (trainer.micro_batch_size rows) each rank evaluates; every evaluation "
+        "reads the same first windows of the held-out data."
+    )
+
+    @model_validator(mode="after")
+    def _has_data(self) -> EvalConfig:
+        if self.every and not self.sources:
+            raise ValueError(
+                f"eval.every={self.every} but eval.sources is empty: add the held-out data, e.g. "
+                f"eval.sources=[{{path: data/stdlib/val}}], or drop eval.every"
+            )
+        return self
 
 
 def held_out_batches(spec: RunSpec, rank: int, world: int) -> list[dict[str, torch.Tensor]]:

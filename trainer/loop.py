@@ -21,7 +21,6 @@ from deepspeed.accelerator import get_accelerator
 
 import models
 from data_pipelines import BatchStream, merge_states
-from launcher.spec import RunSpec, read_spec
 from trainer.checkpoint import Checkpoint, CheckpointError, CheckpointStore, rng_state, set_rng_state
 from trainer.ds_config import deepspeed_config, resolve_precision
 from trainer.evaluation import Evaluator
@@ -29,6 +28,7 @@ from trainer.metrics import StepMetrics
 from trainer.preemption import StopAgreement, after_step
 from trainer.run_dir import RunDir
 from trainer.run_upload import push_rank_files
+from trainer.spec import RunSpec, read_spec
 
 log = logging.getLogger("zeroray.trainer")
 

@@ -19,8 +19,8 @@ import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 
 from data_pipelines import BatchStream
-from launcher.spec import RunSpec
 from trainer.evaluation import Evaluator
+from trainer.spec import RunSpec
 
 log = logging.getLogger("zeroray.metrics")
 

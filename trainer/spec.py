@@ -25,10 +25,11 @@ from pydantic import (
 
 import models
 from cluster.config import ClusterConfig
-from data_pipelines.config import DataConfig, SourceConfig
+from data_pipelines.config import DataConfig
 from data_pipelines.sources import is_url
-from launcher.errors import SpecError
 from trainer.config import DebugConfig, TrainerConfig, check_elastic_batch
+from trainer.errors import SpecError
+from trainer.evaluation import EvalConfig
 from trainer.remote_folder import RemoteFolder, check_url
 
 
@@ -98,30 +99,6 @@ class OutputConfig(BaseModel):
         """Where the run lives, for messages and job metadata: the URL, or the local folder."""
         remote = self.remote
         return remote.url if remote is not None else str(self.run_dir)
-
-
-class EvalConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    sources: tuple[SourceConfig, ...] = Field(
-        (),
-        description="Held-out data, in the shape of data.sources (e.g. the val/ folder `zeroray data prepare` "
-        "writes); it goes through the run's tokenizer and objective. Empty = no evaluation.",
-    )
-    every: int = Field(0, ge=0, description="Steps between evaluations; 0 = only after the last step.")
-    batches: int = Field(
-        4, ge=1, description="Micro-batches (trainer.micro_batch_size rows) each rank evaluates; every evaluation "
-        "reads the same first windows of the held-out data."
-    )
-
-    @model_validator(mode="after")
-    def _has_data(self) -> EvalConfig:
-        if self.every and not self.sources:
-            raise ValueError(
-                f"eval.every={self.every} but eval.sources is empty: add the held-out data, e.g. "
-                f"eval.sources=[{{path: data/stdlib/val}}], or drop eval.every"
-            )
-        return self
 
 
 class RunSpec(BaseModel):

@@ -10,12 +10,12 @@ from pathlib import Path
 import yaml
 
 from data_pipelines import BatchStream, DataConfig, LayoutError, SourceError
-from launcher.errors import ZerorayError
-from launcher.spec import RunSpec
 from trainer.checkpoint import Checkpoint, CheckpointStore
+from trainer.errors import ZerorayError
 from trainer.remote_folder import RemoteStorageError
 from trainer.run_dir import RunDir
 from trainer.run_upload import pull_run_files
+from trainer.spec import RunSpec
 
 
 def preflight_data(spec: RunSpec) -> None:
