@@ -29,8 +29,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 import models
 from trainer.errors import SpecError, ZerorayError
-from trainer.run_dir import RunDir
 from trainer.spec import RunSpec, apply_overrides, parse_spec, read_yaml, resolve
+from trainer.storage import RunDir
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "configs"

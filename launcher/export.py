@@ -20,8 +20,8 @@ import torch
 import models
 from trainer.checkpoint import Checkpoint, CheckpointStore
 from trainer.errors import ZerorayError
-from trainer.run_dir import RunDir
 from trainer.spec import RunSpec, read_spec
+from trainer.storage import RunDir
 
 # Loaded by `trust_remote_code=True`; they re-export the installed zeroray classes.
 REMOTE_CODE = {

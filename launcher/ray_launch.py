@@ -13,16 +13,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cluster.local import ray_cluster, scaling_config, worker_env
+from launcher.driver_stop import DriverStop
 from launcher.progress import Progress
+from launcher.run_upload import RunDirUpload
 from launcher.trackers import open_trackers
-from trainer.checkpoint import CheckpointStore, write_atomic
+from trainer.checkpoint import CheckpointStore
 from trainer.errors import RunPreempted, ZerorayError
 from trainer.evaluation import held_out_batches
-from trainer.preemption import DriverStop
-from trainer.run_dir import RunDir
 from trainer.run_prep import preflight_data, prepare_run_dir
-from trainer.run_upload import RunDirUpload
 from trainer.spec import RunSpec, parse_spec
+from trainer.storage import RunDir, write_atomic
 
 
 def _train_worker(config: dict) -> None:

@@ -10,8 +10,8 @@ import psutil
 
 from trainer.checkpoint import CheckpointStore
 from trainer.errors import ZerorayError
-from trainer.run_dir import RunDir
 from trainer.spec import RunSpec, read_spec
+from trainer.storage import RunDir
 
 
 def read_metrics(run: RunDir) -> list[dict]:

@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 
 from trainer.errors import ZerorayError
-from trainer.run_dir import RunDir
 from trainer.spec import RunSpec
+from trainer.storage import RunDir
 
 log = logging.getLogger("zeroray.trackers")
 

@@ -20,13 +20,16 @@ import torch.distributed as dist
 import yaml
 
 from cluster.local import SimulatedCluster, scaling_config
+from launcher.driver_stop import DriverStop
 from launcher.ray_launch import launch
 from tests.conftest import REPO, write_config
 from trainer.checkpoint import Checkpoint, CheckpointError, CheckpointStore
 from trainer.config import DebugConfig
 from trainer.errors import SpecError
-from trainer.preemption import STOP_FILE, DriverStop, InjectedFailure, StopAgreement, after_step
+from trainer.failure_injection import InjectedFailure, after_step
+from trainer.preemption import StopAgreement
 from trainer.spec import load_spec
+from trainer.storage import STOP_FILE
 
 STEPS = 16
 # fp32 so that a resumed step computes exactly what the uninterrupted one did.
@@ -223,14 +226,14 @@ def test_a_range_of_workers_needs_a_global_batch_that_every_count_keeps(tiny_con
 
 
 def test_resuming_on_another_fixed_worker_count_names_the_accumulation_that_fits(tiny_config, tmp_path):
-    from trainer.loop import _check_resumable
+    from trainer.resume import check_resumable
 
     saved = load_spec(tiny_config)  # 2 workers × 4 rows
     (tmp_path / "spec.yaml").write_text(saved.to_yaml())
     ckpt = Checkpoint(tmp_path, 4, world_size=2)
     with pytest.raises(CheckpointError, match="set trainer.grad_accum_steps=2"):
-        _check_resumable(ckpt, load_spec(tiny_config, ["cluster.workers=1"]), world=1)
-    _check_resumable(ckpt, load_spec(tiny_config, ["cluster.workers=1", "trainer.grad_accum_steps=2"]), world=1)
+        check_resumable(ckpt, load_spec(tiny_config, ["cluster.workers=1"]), world=1)
+    check_resumable(ckpt, load_spec(tiny_config, ["cluster.workers=1", "trainer.grad_accum_steps=2"]), world=1)
 
 
 def test_injected_failures_happen_once(tmp_path):

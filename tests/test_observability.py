@@ -20,8 +20,8 @@ from launcher.trackers import Trackers, open_trackers, scalars
 from trainer.errors import SpecError, ZerorayError
 from trainer.evaluation import Evaluator, held_out_batches
 from trainer.metrics import gpu_peak_flops
-from trainer.run_dir import RunDir
 from trainer.spec import load_spec
+from trainer.storage import RunDir
 
 
 def records(n: int = 3) -> list[dict]:

@@ -18,9 +18,9 @@ from tests.export_check import check_export
 from tests.s3_server import s3_server
 from trainer.checkpoint import MANIFEST, CheckpointStore, tag_for
 from trainer.errors import SpecError, ZerorayError
-from trainer.remote_folder import RemoteFolder
 from trainer.run_prep import prepare_run_dir
 from trainer.spec import load_spec
+from trainer.storage import RemoteFolder
 
 BUCKET = "zr-runs"
 

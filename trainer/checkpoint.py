@@ -12,16 +12,16 @@ checked whenever checkpoints are listed (cheap: a truncated shard is not a check
 checked by the ranks together before a resume (`verified_latest`), each reading its share, so a
 shard damaged in place (bad disk, bad copy) makes the run resume from the previous checkpoint.
 
-With a remote run directory (`output.dir: s3://…`) the local folder is a working copy: each file is
-uploaded by one rank that has it (nodes need not share a disk), the manifest goes up after all of them
-and `latest` last, so a crash mid-upload leaves the previous checkpoint as `latest`. The remote copy is
-the truth when choosing a checkpoint; one node-local download per host fetches it before a resume,
-unless that host's copy already matches its manifest.
+The published checkpoints live in the run's home folder (trainer.storage: the local folder itself, or
+`output.dir: s3://…`), which is the truth when choosing one; ranks write into a local working copy.
+After the local publish, each file is copied to the home by one rank that has it (nodes need not share a
+disk), the manifest after all of them and `latest` last, so a crash mid-upload leaves the previous
+checkpoint as `latest`. For a local run these copies are the folder itself and cost nothing. Before a
+resume one rank per node fetches the checkpoint, unless that node's copy already matches its manifest.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -39,7 +39,7 @@ import torch
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 
-from trainer.remote_folder import RemoteFolder
+from trainer.storage import Folder, LocalFolder, fsync_tree, sha256
 
 log = logging.getLogger("zeroray.checkpoint")
 
@@ -67,28 +67,6 @@ class Checkpoint:
     @property
     def tag(self) -> str:
         return self.path.name
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Replace `path` with `text` in one step: a reader sees the old file or the new one, whole."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _fsync_tree(folder: Path) -> None:
-    for f in folder.rglob("*"):
-        if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-
-
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 _RANK_IN_NAME = re.compile(r"(?:zero_pp_rank_|^rank_)0*(\d+)")
@@ -121,7 +99,7 @@ def _gathered(value, world_size: int) -> list:
 
 def _checksums(folder: Path, files: list[str], rank: int, world_size: int) -> dict[str, str]:
     """SHA-256 of this rank's share of `files`, gathered on every rank (a collective when distributed)."""
-    mine = {rel: _sha256(folder / rel) for rel in files if _reader(rel, world_size) == rank}
+    mine = {rel: sha256(folder / rel) for rel in files if _reader(rel, world_size) == rank}
     return {rel: digest for share in _gathered(mine, world_size) for rel, digest in share.items()}
 
 
@@ -156,69 +134,74 @@ def set_rng_state(state: dict) -> None:
 
 
 class CheckpointStore:
-    def __init__(self, root: Path, rank: int, world_size: int, remote: RemoteFolder | None = None):
+    """The checkpoints of one run: `root` is this node's working folder, `home` where they are published
+    (default: `root` itself)."""
+
+    def __init__(self, root: Path, rank: int = 0, world_size: int = 1, home: Folder | None = None):
         self.root = Path(root)
         self.rank = rank
         self.world_size = world_size
-        self.remote = remote
-        # Which ranks share a node (and so a working copy): one download and one clean-up per node.
-        # Gathered here, where every rank constructs the store at the same point of the loop.
-        self._hosts = _gathered(socket.gethostname(), world_size) if remote is not None else [None]
+        self.home = home if home is not None else LocalFolder(self.root)
+        # Which ranks share a working copy: one download and one clean-up per copy. One folder every rank
+        # sees counts as one host. Gathered here, where every rank constructs the store at the same point.
+        self._hosts = (_gathered(socket.gethostname(), world_size) if self.home.per_node_copies
+                       else [None] * max(world_size, 1))
 
     @classmethod
     def of_run(cls, output, rank: int = 0, world_size: int = 1) -> CheckpointStore:
-        """The store of a run's `output` section (trainer.spec.OutputConfig): local, or remote + working copy."""
-        remote = output.remote
-        return cls(Path(output.run_dir) / "checkpoints", rank, world_size,
-                   remote.child("checkpoints") if remote is not None else None)
+        """The store of a run's `output` section (trainer.storage.OutputConfig)."""
+        return cls(Path(output.run_dir) / "checkpoints", rank, world_size, output.home.child("checkpoints"))
 
     @property
     def _host_leader(self) -> bool:
-        """The rank that looks after its node's working copy; without a remote, one folder: rank 0."""
-        if self.remote is None:
-            return self.rank == 0
+        """The rank that looks after its working copy (rank 0 when every rank shares one folder)."""
         return self._hosts.index(self._hosts[self.rank % len(self._hosts)]) == self.rank
+
+    @property
+    def _several_copies(self) -> bool:
+        """Ranks on several nodes, each node with a working copy of its own."""
+        return len(set(self._hosts)) > 1
 
     # ---- reading --------------------------------------------------------------------------
     def published(self) -> list[Checkpoint]:
-        """Complete checkpoints, oldest first (a folder without a valid manifest is not one)."""
+        """Complete checkpoints in the home folder, oldest first (a folder without a valid manifest is not one)."""
         found = []
-        if self.remote is not None:
-            for tag in self.remote.folders("step_"):
-                manifest = self._verified_remote_manifest(tag)
-                if manifest is not None:
-                    found.append(Checkpoint(self.root / tag, manifest["step"], manifest["world_size"]))
-            return found
-        for d in sorted(self.root.glob("step_*")):
-            manifest = self._verified_manifest(d)
+        for tag in self.home.folders("step_"):
+            manifest = self._published_manifest(tag)
             if manifest is not None:
-                found.append(Checkpoint(d, manifest["step"], manifest["world_size"]))
+                found.append(Checkpoint(self.root / tag, manifest["step"], manifest["world_size"]))
         return found
 
-    def _pointer(self) -> tuple[str, str | None]:
-        """Where `latest` is, and the tag it names (None when it is missing)."""
-        if self.remote is not None:
-            text = self.remote.read_text(LATEST)
-            return f"{self.remote.url}/{LATEST}", None if text is None else text.strip()
-        pointer = self.root / LATEST
-        return str(pointer), pointer.read_text().strip() if pointer.is_file() else None
+    def _published_manifest(self, tag: str) -> dict | None:
+        """The manifest of `tag` in the home folder, when every file it lists is there with its size."""
+        try:
+            manifest = json.loads(self.home.read_text(f"{tag}/{MANIFEST}") or "")
+            sizes = self.home.sizes(tag)
+            if any(sizes.get(rel) != size for rel, size in manifest["files"].items()):
+                return None
+            return manifest
+        except (OSError, ValueError, KeyError):
+            return None
 
     def latest(self) -> Checkpoint | None:
         return self._latest_of(self.published())
 
     def _latest_of(self, published: list[Checkpoint]) -> Checkpoint | None:
-        pointer, tag = self._pointer()
+        tag = self.home.read_text(LATEST)
+        tag = None if tag is None else tag.strip()
         for ckpt in published:
             if ckpt.tag == tag:
                 return ckpt
         # The pointer is missing or names a damaged checkpoint: fall back to the newest whole one.
         fallback = published[-1] if published else None
         if tag is not None:
-            log.warning("checkpoint %s named by %s is incomplete or damaged; using %s instead",
-                        tag, pointer, fallback.tag if fallback else "none (starting from step 0)")
+            log.warning("checkpoint %s named by %s/%s is incomplete or damaged; using %s instead", tag,
+                        self.home.url, LATEST, fallback.tag if fallback else "none (starting from step 0)")
         return fallback
 
-    def _verified_manifest(self, folder: Path) -> dict | None:
+    @staticmethod
+    def _local_manifest(folder: Path) -> dict | None:
+        """The manifest of a checkpoint folder in the working copy, when its files have their sizes."""
         try:
             manifest = json.loads((folder / MANIFEST).read_text())
             for rel, size in manifest["files"].items():
@@ -228,41 +211,30 @@ class CheckpointStore:
         except (OSError, ValueError, KeyError):
             return None
 
-    def _verified_remote_manifest(self, tag: str) -> dict | None:
-        try:
-            manifest = json.loads(self.remote.read_text(f"{tag}/{MANIFEST}") or "")
-            sizes = self.remote.sizes(tag)
-            if any(sizes.get(rel) != size for rel, size in manifest["files"].items()):
-                return None
-            return manifest
-        except (ValueError, KeyError):
-            return None
-
     def verified_latest(self) -> Checkpoint | None:
         """`latest()`, with every file's checksum checked against the manifest; a damaged checkpoint is
         reported and the one before it tried. Collective: call on every rank (each reads its share).
-        A remote checkpoint is downloaded to the working copy first (once per node)."""
+        The checkpoint is fetched into the working copy first (once per copy; nothing for a local run)."""
         candidates = self.published()
         chosen = self._latest_of(candidates)
         candidates = [c for c in candidates if chosen is not None and c.step <= chosen.step]
         while candidates:
             ckpt = candidates.pop()
             damaged = self._damaged(ckpt, fresh_copy=False)
-            if damaged and self.remote is not None:
+            if damaged and self.home.per_node_copies:
                 damaged = self._damaged(ckpt, fresh_copy=True)  # the node's copy may be the bad one
             if not damaged:
                 return ckpt
             if self.rank == 0:
-                log.warning("checkpoint %s is damaged: %s do not match the checksums in its manifest; using %s "
-                            "instead", self.remote.url + "/" + ckpt.tag if self.remote else ckpt.path,
-                            ", ".join(damaged), candidates[-1].tag if candidates else "none (starting from step 0)")
+                log.warning("checkpoint %s/%s is damaged: %s do not match the checksums in its manifest; using %s "
+                            "instead", self.home.url, ckpt.tag, ", ".join(damaged),
+                            candidates[-1].tag if candidates else "none (starting from step 0)")
         return None
 
     def _damaged(self, ckpt: Checkpoint, fresh_copy: bool) -> list[str]:
         """Files of `ckpt` whose checksum does not match its manifest. Collective."""
-        if self.remote is not None:
-            self._download(ckpt, force=fresh_copy)
-        manifest = self._verified_manifest(ckpt.path)
+        self._fetch(ckpt, force=fresh_copy)
+        manifest = self._local_manifest(ckpt.path)
         if manifest is None:
             return [MANIFEST]  # a download cut short
         expected = manifest.get("sha256")
@@ -271,26 +243,25 @@ class CheckpointStore:
         actual = _checksums(ckpt.path, sorted(expected), self.rank, self.world_size)
         return sorted(rel for rel, digest in expected.items() if actual.get(rel) != digest)
 
-    def _download(self, ckpt: Checkpoint, force: bool) -> None:
-        """Bring a remote checkpoint into this node's working copy (one rank per node), unless the copy
+    def _fetch(self, ckpt: Checkpoint, force: bool) -> None:
+        """Bring a published checkpoint into this node's working copy (one rank per copy), unless the copy
         there already has the same manifest and file sizes. Collective."""
         if self._host_leader:
-            remote_manifest = self.remote.read_text(f"{ckpt.tag}/{MANIFEST}")
-            local_manifest = ckpt.path / MANIFEST
-            current = (local_manifest.is_file() and local_manifest.read_text() == remote_manifest
-                       and self._verified_manifest(ckpt.path) is not None)
+            published = self.home.read_text(f"{ckpt.tag}/{MANIFEST}")
+            local = ckpt.path / MANIFEST
+            current = (local.is_file() and local.read_text() == published
+                       and self._local_manifest(ckpt.path) is not None)
             if force or not current:
                 partial = self.root / (DOWNLOAD_PREFIX + ckpt.tag)
                 shutil.rmtree(partial, ignore_errors=True)
-                self.remote.download_tree(ckpt.tag, partial)
+                self.home.get(ckpt.tag, partial)
                 shutil.rmtree(ckpt.path, ignore_errors=True)
                 os.replace(partial, ckpt.path)
         _barrier(self.world_size)
 
     def local_copy(self, ckpt: Checkpoint) -> Checkpoint:
-        """`ckpt` with its files in this machine's working copy (downloaded when needed). One process."""
-        if self.remote is not None:
-            self._download(ckpt, force=False)
+        """`ckpt` with its files in this machine's working copy (fetched when needed). One process."""
+        self._fetch(ckpt, force=False)
         return ckpt
 
     def rank_state(self, ckpt: Checkpoint, rank: int | None = None) -> dict:
@@ -302,7 +273,7 @@ class CheckpointStore:
         """The checkpoint in DeepSpeed's universal format (whole, unpartitioned optimizer state), which
         loads on any number of ranks. Rank 0 converts with DeepSpeed's own `ds_to_universal`, next to
         the published checkpoints (never inside one: a published folder is not changed); every rank
-        waits for it. With a remote run directory and several nodes, the other nodes download it.
+        waits for it. Nodes with working copies of their own get it through the home folder.
         Call on every rank."""
         out = self.root / UNIVERSAL / ckpt.tag
         if self.rank == 0 and not (out / "zero").is_dir():
@@ -310,8 +281,8 @@ class CheckpointStore:
             proc = subprocess.run(
                 [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ckpt.path),
                  "--output_folder", str(out), "--num_extract_workers", "1", "--num_merge_workers", "1",
-             # Adds the version record DeepSpeed expects a Megatron-style client to have saved.
-             "--inject_missing_state"],
+                 # Adds the version record DeepSpeed expects a Megatron-style client to have saved.
+                 "--inject_missing_state"],
                 capture_output=True, text=True,
             )
             if proc.returncode != 0:
@@ -320,12 +291,12 @@ class CheckpointStore:
                     f"converting {ckpt.path} to DeepSpeed's universal format (to resume on another worker count) "
                     f"failed:\n{(proc.stdout + proc.stderr)[-2000:]}"
                 )
-            if len(set(self._hosts)) > 1:
-                self.remote.upload_tree(out, f"{UNIVERSAL}/{ckpt.tag}")
+            if self._several_copies:
+                self.home.put(out, f"{UNIVERSAL}/{ckpt.tag}")
         _barrier(self.world_size)
-        if len(set(self._hosts)) > 1 and self._host_leader and self._hosts[self.rank] != self._hosts[0]:
+        if self._several_copies and self._host_leader and self._hosts[self.rank] != self._hosts[0]:
             shutil.rmtree(out, ignore_errors=True)
-            self.remote.download_tree(f"{UNIVERSAL}/{ckpt.tag}", out)
+            self.home.get(f"{UNIVERSAL}/{ckpt.tag}", out)
         _barrier(self.world_size)
         return out
 
@@ -333,8 +304,8 @@ class CheckpointStore:
         """After every rank loaded the conversion. Call on every rank."""
         if self._host_leader:
             shutil.rmtree(self.root / UNIVERSAL, ignore_errors=True)
-        if self.rank == 0 and len(set(self._hosts)) > 1:
-            self.remote.remove(UNIVERSAL)
+        if self.rank == 0 and self._several_copies:
+            self.home.remove(UNIVERSAL)
 
     # ---- writing --------------------------------------------------------------------------
     def remove_staging(self) -> None:
@@ -349,55 +320,57 @@ class CheckpointStore:
         """Collective: every rank calls it. `rank_state` is this rank's own (data position, RNG);
         `run_files` are small text files rank 0 adds (the spec, the trainer state)."""
         tag = tag_for(step)
-        staging = STAGING_PREFIX + tag
+        stage_dir = self.root / (STAGING_PREFIX + tag)
         self.root.mkdir(parents=True, exist_ok=True)
-        if self.remote is not None and self.rank == 0:
-            self.remote.remove(tag)  # a damaged or older copy of this step: no stale files under a new manifest
-        engine.save_checkpoint(str(self.root), tag=staging, save_latest=False)
-        stage_dir = self.root / staging
+        if self.rank == 0:
+            self.home.remove(tag)  # a damaged or older copy of this step: no stale files under a new manifest
+        engine.save_checkpoint(str(self.root), tag=stage_dir.name, save_latest=False)
         torch.save(rank_state, stage_dir / f"rank_{self.rank:05d}.pt")
         if self.rank == 0:
             for name, text in run_files.items():
                 (stage_dir / name).write_text(text)
         _barrier(self.world_size)
+        manifest = self._manifest(stage_dir, step)
+        final = self.root / tag
+        if self._host_leader:  # publish in the working copy: one rename
+            if self.rank == 0:
+                fsync_tree(stage_dir)
+                (stage_dir / MANIFEST).write_text(manifest["text"])
+            shutil.rmtree(final, ignore_errors=True)  # a re-run of the same step after a crash: replace it
+            os.replace(stage_dir, final)
+        _barrier(self.world_size)
+        self._publish(final, tag, manifest)
+        if self.rank == 0:
+            self._retain(keep_last)
+        _barrier(self.world_size)
+        return Checkpoint(final, step, self.world_size)
+
+    def _manifest(self, stage_dir: Path, step: int) -> dict:
+        """Every rank's written files with their sizes and checksums (each rank hashes the files it owns);
+        returned on every rank with the rank's own share of the files to publish. Collective."""
         seen_here = {str(f.relative_to(stage_dir)): f.stat().st_size for f in stage_dir.rglob("*") if f.is_file()}
         listings = _gathered(seen_here, self.world_size)
         owners = _owners(listings, self.world_size)
         mine = [rel for rel, owner in owners.items() if owner == self.rank]
-        sha256 = {rel: digest for share in _gathered({rel: _sha256(stage_dir / rel) for rel in mine},
-                                                    self.world_size) for rel, digest in share.items()}
-        if self.remote is not None:
-            for rel in mine:
-                self.remote.upload(stage_dir / rel, f"{tag}/{rel}")
-            _barrier(self.world_size)  # every file is up before the manifest says the checkpoint exists
-        final = self.root / tag
+        digests = _gathered({rel: sha256(stage_dir / rel) for rel in mine}, self.world_size)
+        files = {rel: listings[owner][rel] for rel, owner in owners.items()}
+        text = json.dumps({"step": step, "world_size": self.world_size, "files": files,
+                           "sha256": {rel: d for share in digests for rel, d in share.items()}}, indent=1)
+        return {"text": text, "mine": mine}
+
+    def _publish(self, final: Path, tag: str, manifest: dict) -> None:
+        """Copy the checkpoint to the home folder: each file by its owner, then the manifest, `latest` last.
+        For a local run the home is the working copy: the copies are no-ops and only `latest` is written."""
+        for rel in manifest["mine"]:
+            self.home.put(final / rel, f"{tag}/{rel}")
+        _barrier(self.world_size)  # every file is in place before the manifest says the checkpoint exists
         if self.rank == 0:
-            files = {rel: listings[owner][rel] for rel, owner in owners.items()}
-            _fsync_tree(stage_dir)
-            manifest = json.dumps({"step": step, "world_size": self.world_size, "files": files, "sha256": sha256},
-                                  indent=1)
-            write_atomic(stage_dir / MANIFEST, manifest)
-            if final.exists():  # a re-run of the same step after a crash: replace it
-                shutil.rmtree(final)
-            os.replace(stage_dir, final)
-            write_atomic(self.root / LATEST, tag + "\n")
-            if self.remote is not None:
-                self.remote.write_text(f"{tag}/{MANIFEST}", manifest)
-                self.remote.write_text(LATEST, tag + "\n")
-            self._retain(keep_last)
-        elif self.remote is not None and self._host_leader and self._hosts[self.rank] != self._hosts[0]:
-            shutil.rmtree(stage_dir, ignore_errors=True)  # uploaded; rank 0's node keeps the working copy
-        _barrier(self.world_size)
-        return Checkpoint(final, step, self.world_size)
+            self.home.write_text(f"{tag}/{MANIFEST}", manifest["text"])
+            self.home.write_text(LATEST, tag + "\n")
+        elif self._host_leader:
+            shutil.rmtree(final, ignore_errors=True)  # published; rank 0's node keeps the working copy
 
     def _retain(self, keep_last: int) -> None:
-        published = self.published()
-        kept = {c.path for c in published[-keep_last:]}
-        for old in published[:-keep_last]:
-            if self.remote is not None:
-                self.remote.remove(old.tag)
-            shutil.rmtree(old.path, ignore_errors=True)
-        if self.remote is not None:  # working-copy folders of checkpoints the remote no longer has
-            for d in self.root.glob("step_*"):
-                if d not in kept:
-                    shutil.rmtree(d, ignore_errors=True)
+        for old in self.published()[:-keep_last]:
+            self.home.remove(old.tag)
+            shutil.rmtree(old.path, ignore_errors=True)  # its working copy (already gone for a local run)

@@ -125,6 +125,11 @@ class DebugConfig(BaseModel):
         "cluster changes to happen during it."
     )
 
+    @property
+    def active(self) -> bool:
+        """Whether the section asks for anything (only then is failure injection part of the loop)."""
+        return bool(self.fail_at_steps or self.step_delay_s)
+
     @model_validator(mode="after")
     def _steps_positive(self) -> DebugConfig:
         if any(s < 1 for s in self.fail_at_steps):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import posixpath
 import shutil
 import time
 from pathlib import Path
@@ -12,10 +11,8 @@ import yaml
 from data_pipelines import BatchStream, DataConfig, LayoutError, SourceError
 from trainer.checkpoint import Checkpoint, CheckpointStore
 from trainer.errors import ZerorayError
-from trainer.remote_folder import RemoteStorageError
-from trainer.run_dir import RunDir
-from trainer.run_upload import pull_run_files
 from trainer.spec import RunSpec
+from trainer.storage import RemoteStorageError, RunDir, pull_run_files
 
 
 def preflight_data(spec: RunSpec) -> None:
@@ -46,33 +43,25 @@ def prepare_run_dir(spec: RunSpec, fresh: bool) -> tuple[RunDir, str, Checkpoint
     refused (it would mix two runs' checkpoints) unless there is nothing to lose yet.
     """
     run = RunDir(Path(spec.output.run_dir))
-    remote = spec.output.remote
-    if remote is not None:
-        try:
-            remote.check_writable()
-        except RemoteStorageError as exc:
-            raise ZerorayError(str(exc)) from None
+    home = spec.output.home
+    try:
+        home.check_writable()
+    except RemoteStorageError as exc:
+        raise ZerorayError(str(exc)) from None
     latest = CheckpointStore.of_run(spec.output).latest()
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    if fresh and remote is not None and remote.sizes():
-        moved = remote.rename(f"{posixpath.basename(remote.root)}.old-{stamp}")
-        shutil.rmtree(run.root, ignore_errors=True)  # only a working copy
-        status, latest = f"--fresh: moved the previous run to {moved}", None
-    elif run.root.exists() and fresh:
-        moved = run.root.with_name(f"{run.root.name}.old-{stamp}")
-        shutil.move(str(run.root), moved)
+    if fresh and home.sizes():
+        moved = home.rename(f"{run.root.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+        shutil.rmtree(run.root, ignore_errors=True)  # a working copy (a local run's folder was moved)
         status, latest = f"--fresh: moved the previous run to {moved}", None
     elif latest is not None:
-        if remote is not None:
-            pull_run_files(run, remote)  # the driver may be a new machine: the saved spec and progress
+        pull_run_files(run, home)  # the driver may be a new machine: the saved spec and progress
         _refuse_other_run(run, spec)
         status = f"resuming {spec.output.location} from {latest.tag}"
     else:
         status = f"new run in {spec.output.location}"
     run.root.mkdir(parents=True, exist_ok=True)
     run.spec.write_text(spec.to_yaml())
-    if remote is not None:
-        remote.upload(run.spec, "spec.yaml")
+    home.put(run.spec, "spec.yaml")
     return run, status, latest
 
 
