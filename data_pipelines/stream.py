@@ -31,9 +31,9 @@ from collections.abc import Iterable, Iterator
 import torch
 
 from data_pipelines import accounting
-from data_pipelines.accounting import RecordCounts
+from data_pipelines.accounting import KINDS, RecordCounts
 from data_pipelines.config import DataConfig
-from data_pipelines.documents import EmptyDataError, open_sources
+from data_pipelines.documents import EmptyDataError, open_sources, stream_rows
 from data_pipelines.loader import StreamWindows, WorkerFailure, open_items, start_server, window_maker
 from data_pipelines.tokenizer import load_tokenizer
 
@@ -64,7 +64,8 @@ class BatchStream:
         self.rank, self.world = rank, world
         # Here, not only in the loader workers: a wrong path, a missing tokenizer or a source with too few
         # files fails at once, in the training process.
-        eos_id = load_tokenizer(cfg.tokenizer).eos_id
+        tokenizer = load_tokenizer(cfg.tokenizer)
+        eos_id, self._vocab = tokenizer.eos_id, tokenizer.vocab_size
         open_sources(cfg)
         self.owned = list(range(rank, cfg.streams, world))
         # Each owned stream's state as of the rows taken: the windows' side (packer, shuffle buffer, count)
@@ -135,18 +136,12 @@ class BatchStream:
 
     def load_state_dict(self, state: dict) -> None:
         """Load a state holding at least the owned streams (e.g. `merge_states` of every worker's
-        state from one checkpoint, saved on any worker count); other streams are ignored."""
-        if "num_streams" not in state:
-            raise StreamStateError(
-                "the saved data state is per worker (written before data.streams existed) and cannot be "
-                "resumed by logical streams; start the run afresh (`--fresh`)"
-            )
-        if state.get("format") != STATE_FORMAT:
-            raise StreamStateError(
-                f"the saved data state has format {state.get('format', 1)} and this zeroray reads format "
-                f"{STATE_FORMAT} (sources are now tokenized before they are mixed, so the saved positions do not "
-                f"apply); start the run afresh (`--fresh`), or finish it with the zeroray that started it"
-            )
+        state from one checkpoint, saved on any worker count); other streams are ignored.
+
+        The whole state is checked first (`_check_stream`): a damaged or truncated one is refused with
+        StreamStateError naming the stream and the key, never loaded as far as it goes (a reader without
+        its position would start its epoch again from the first record)."""
+        check_state_layout(state)
         if state["num_streams"] != self.cfg.streams:
             raise StreamStateError(
                 f"the saved data state has {state['num_streams']} logical streams but data.streams is "
@@ -154,6 +149,9 @@ class BatchStream:
                 f"{state['num_streams']}"
             )
         saved = {int(i): s for i, s in state["streams"].items()}
+        templates = {i: rows.state_dict() for i, rows in stream_rows(self.cfg, self.owned).items()}
+        for i, stream in saved.items():
+            self._check_stream(i, stream, templates.get(i))
         missing = sorted(set(self.owned) - set(saved))
         if missing:
             raise StreamStateError(
@@ -181,12 +179,199 @@ class BatchStream:
                                                                          "counts")}
         self._items = None  # (re)opened from these states with the next batch
 
+    def _check_stream(self, i: int, state: dict, template: dict | None) -> None:
+        """Refuse a logical stream's saved state that this configuration could not have written: a missing,
+        unknown or mistyped key, a negative count, a token id outside the vocabulary, a shuffled window of
+        the wrong length, a reader position whose shape is not the one `datasets` writes for this stream
+        (`template`: a fresh stream's position; None: the stream is not read here), or no position at all
+        where the stream had read part of its epoch."""
+
+        def damaged(what: str) -> StreamStateError:
+            return StreamStateError(
+                f"the saved data state of logical stream {i} is damaged: {what}; resume from an earlier "
+                f"checkpoint (delete this one), or start afresh (`--fresh`)"
+            )
+
+        _keys(state, _STREAM_KEYS, f"stream {i}", damaged)
+        for key in ("epoch", "docs_in_epoch", "windows"):
+            _count(state[key], key, damaged)
+        n_sources = len(self.cfg.sources)
+        counts = state["counts"]
+        _keys(counts, ("documents", "tokens", "bad"), "counts", damaged)
+        for key in ("documents", "tokens", "bad"):
+            if not isinstance(counts[key], list) or len(counts[key]) != n_sources:
+                raise damaged(f"counts.{key} must list one entry per data source ({n_sources}), got "
+                              f"{_shown(counts[key])}")
+        for key in ("documents", "tokens"):
+            for n, value in enumerate(counts[key]):
+                _count(value, f"counts.{key}.{n}", damaged)
+        for n, per_kind in enumerate(counts["bad"]):
+            if not isinstance(per_kind, dict):
+                raise damaged(f"counts.bad.{n} must map kinds of bad records to counts, got {_shown(per_kind)}")
+            for kind, value in per_kind.items():
+                if kind not in KINDS:
+                    raise damaged(f"counts.bad.{n} counts an unknown kind {_shown(kind)} (known: {', '.join(KINDS)})")
+                _count(value, f"counts.bad.{n}.{kind}", damaged)
+        if sum(counts["documents"]) < state["docs_in_epoch"]:
+            raise damaged(f"docs_in_epoch ({state['docs_in_epoch']}) exceeds the documents counted over the whole "
+                          f"run ({sum(counts['documents'])})")
+        packer = state["packer"]
+        _keys(packer, ("buffer",), "packer", damaged)
+        self._tokens(packer["buffer"], "packer.buffer", damaged)
+        shuffle = state["shuffle"]
+        if shuffle is not None:
+            _keys(shuffle, ("size", "windows"), "shuffle", damaged)
+            _count(shuffle["size"], "shuffle.size", damaged)
+            if not isinstance(shuffle["windows"], list) or len(shuffle["windows"]) > shuffle["size"]:
+                raise damaged(f"shuffle.windows must list at most shuffle.size ({shuffle['size']}) windows, got "
+                              f"{_shown(shuffle['windows'])}")
+            length = self.cfg.objective.window(self.cfg.seq_len)[0]
+            for n, window in enumerate(shuffle["windows"]):
+                self._tokens(window, f"shuffle.windows.{n}", damaged)
+                if len(window) != length:
+                    raise damaged(f"shuffle.windows.{n} holds {len(window)} tokens, not a window's {length}")
+        position = state["position"]
+        if position is None:
+            fresh = state["epoch"] == 0 and state["docs_in_epoch"] == 0 and state["windows"] == 0
+            between_epochs = state["epoch"] > 0 and state["docs_in_epoch"] > 0
+            if not (fresh or between_epochs):
+                raise damaged(
+                    f"position (where the stream reads its sources) is missing, but the stream has read "
+                    f"{state['docs_in_epoch']} document(s) of epoch {state['epoch']} and emitted {state['windows']} "
+                    f"window(s): it would read its epoch again from the first record"
+                )
+        elif not isinstance(position, dict):
+            raise damaged(f"position must be the reader's saved position (a mapping), got {_shown(position)}")
+        elif template is not None:
+            _same_shape(position, template, "position", damaged)
+
+    def _tokens(self, ids, where: str, damaged) -> None:
+        if not isinstance(ids, list) or not all(type(t) is int and 0 <= t < self._vocab for t in ids):
+            bad = next((t for t in ids if not (type(t) is int and 0 <= t < self._vocab)), ids) \
+                if isinstance(ids, list) else ids
+            raise damaged(f"{where} must list token ids in 0..{self._vocab - 1}, got {_shown(bad)}")
+
+
+_STREAM_KEYS = ("epoch", "docs_in_epoch", "position", "counts", "windows", "packer", "shuffle")
+
+
+def _shown(value, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def _keys(value, expected: tuple[str, ...], where: str, damaged) -> None:
+    if not isinstance(value, dict):
+        raise damaged(f"{where} must be a mapping with {', '.join(expected)}, got {_shown(value)}")
+    missing = [k for k in expected if k not in value]
+    unknown = [k for k in value if k not in expected]
+    if missing:
+        raise damaged(f"{where} lacks {', '.join(missing)}")
+    if unknown:
+        raise damaged(f"{where} has unknown key(s) {', '.join(map(_shown, unknown))}")
+
+
+def _count(value, where: str, damaged) -> None:
+    if type(value) is not int or value < 0:
+        raise damaged(f"{where} must be a count (a whole number ≥ 0), got {_shown(value)}")
+
+
+def _same_shape(saved, template, where: str, damaged) -> None:
+    """`saved` (a reader position) has the shape `datasets` gives `template`: the same keys, list lengths
+    and kinds of value; its counters (ints) are ≥ 0; its iterable types are the same.
+
+    Where the template holds None, a fresh reader has not reached that state yet: `previous_state` (datasets'
+    MappedExamplesIterable: the state of its inner iterable at the last batch) then has the shape of the
+    template's `examples_iterable`, and any other (`previous_states` of a mix of sources: one per source)
+    is None or an iterable's state (`_iterable_state`)."""
+    if template is None:
+        if saved is not None:
+            _iterable_state(saved, where, damaged)
+        return
+    if isinstance(template, dict):
+        if not isinstance(saved, dict) or set(saved) != set(template):
+            got = sorted(map(str, saved)) if isinstance(saved, dict) else _shown(saved)
+            raise damaged(f"{where} does not have the reader's shape (keys {sorted(map(str, template))}, got {got})")
+        for key in template:
+            inner = template[key]
+            if key == "previous_state" and inner is None and saved[key] is not None:
+                inner = template.get("examples_iterable")
+            _same_shape(saved[key], inner, f"{where}.{key}", damaged)
+    elif isinstance(template, list):
+        if not isinstance(saved, list) or len(saved) != len(template):
+            raise damaged(f"{where} must list {len(template)} entries, got {_shown(saved)}")
+        for n, (a, b) in enumerate(zip(saved, template, strict=True)):
+            _same_shape(a, b, f"{where}.{n}", damaged)
+    elif type(template) is int:
+        _count(saved, where, damaged)
+    elif type(saved) is not type(template) and not (type(template) is float and type(saved) is int):
+        raise damaged(f"{where} must be a {type(template).__name__}, got {_shown(saved)}")
+    elif where.endswith(".type") and saved != template:
+        raise damaged(f"{where} is {_shown(saved)}, but this data pipeline reads with {_shown(template)}")
+
+
+def _iterable_state(saved, where: str, damaged) -> None:
+    """A datasets iterable's state where no template says more: a mapping with its `type`, whose counters
+    (ints) are ≥ 0 and whose nested states are the same kind of thing."""
+    if not isinstance(saved, dict) or not isinstance(saved.get("type"), str):
+        raise damaged(f"{where} must be a reader's saved state (a mapping with its type), got {_shown(saved)}")
+
+    def walk(value, at: str) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                walk(item, f"{at}.{key}")
+        elif isinstance(value, list):
+            for n, item in enumerate(value):
+                walk(item, f"{at}.{n}")
+        elif type(value) is int:
+            _count(value, at, damaged)
+        elif value is not None and not isinstance(value, str | bool | float):
+            raise damaged(f"{at} is not part of a reader's saved state: {_shown(value)}")
+
+    walk(saved, where)
+
+
+def check_state_layout(state, what: str = "the saved data state") -> None:
+    """The top level of a data state (format, num_streams, streams) or StreamStateError saying what is wrong."""
+    if not isinstance(state, dict):
+        raise StreamStateError(f"{what} is not a data state (a mapping of format, num_streams, streams), got "
+                               f"{_shown(state)}; the checkpoint is damaged")
+    if "num_streams" not in state:
+        if "format" in state or "streams" in state or not state:
+            raise StreamStateError(f"{what} lacks num_streams (it has {sorted(map(str, state)) or 'nothing'}); the "
+                                   f"checkpoint is damaged: resume from an earlier one, or start afresh (`--fresh`)")
+        raise StreamStateError(
+            f"{what} is per worker (written before data.streams existed) and cannot be "
+            "resumed by logical streams; start the run afresh (`--fresh`)"
+        )
+    if state.get("format") != STATE_FORMAT:
+        raise StreamStateError(
+            f"{what} has format {_shown(state.get('format', 1))} and this zeroray reads format "
+            f"{STATE_FORMAT} (sources are now tokenized before they are mixed, so the saved positions do not "
+            f"apply); start the run afresh (`--fresh`), or finish it with the zeroray that started it"
+        )
+    n = state["num_streams"]
+    if type(n) is not int or n < 1:
+        raise StreamStateError(f"{what} has num_streams {_shown(n)}, not a number of logical streams; the checkpoint "
+                               f"is damaged")
+    unknown = sorted(map(str, set(state) - {"format", "num_streams", "streams"}))
+    if unknown:
+        raise StreamStateError(f"{what} has unknown key(s) {', '.join(unknown)}; the checkpoint is damaged")
+    streams = state.get("streams")
+    if not isinstance(streams, dict):
+        raise StreamStateError(f"{what} has no streams mapping (got {_shown(streams)}); the checkpoint is damaged")
+    for key in streams:
+        if not (isinstance(key, str) and key.isascii() and key.isdigit() and int(key) < n):
+            raise StreamStateError(f"{what} holds a stream {_shown(key)}, not one of its logical streams 0..{n - 1}; "
+                                   f"the checkpoint is damaged")
+
 
 def merge_states(states: Iterable[dict]) -> dict:
     """One data state from the per-worker states of one checkpoint (any worker count)."""
     merged: dict[str, dict] = {}
     counts, formats = set(), set()
-    for state in states:
+    for rank, state in enumerate(states):
+        check_state_layout(state, f"worker {rank}'s saved data state")
         counts.add(state["num_streams"])
         formats.add(state.get("format"))
         for i, s in state["streams"].items():

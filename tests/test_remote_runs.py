@@ -1,13 +1,17 @@
 """Run directories on object storage (`output.dir: s3://…`), against a real S3-compatible server (moto, with
 credentials checked): a ZeRO-3 run writes its checkpoints, metrics, logs and spec there; after a crash a
 driver on another machine (an empty working copy) resumes from S3 with the same losses; half-uploaded and
-damaged checkpoints are never resumed from; bad storage settings give clear errors before anything starts."""
+damaged checkpoints are never resumed from; bad storage settings give clear errors before anything starts.
+The credentials come from the environment (tests/s3_server.py), as the spec refuses them in storage_options."""
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import logging
+import shutil
+import tempfile
 import time
 
 import pytest
@@ -41,12 +45,34 @@ def remote_records(remote: RemoteFolder) -> list[dict]:
     return [json.loads(line) for line in remote.read_text("metrics.jsonl").splitlines()]
 
 
+@pytest.fixture
+def ray_started_after_credentials(s3):
+    """A temporary folder for Ray, and no Ray cluster running, so that `launch` starts its embedded one
+    there, as `zeroray train` does: the credentials in this process's environment reach the workers. Ray
+    workers inherit the environment the cluster was started with; one started before the S3 server exported
+    its keys (`ray_local`, by a test of another module) would not see them, so it is stopped for this test
+    and started again after."""
+    import ray
+
+    was_running = ray.is_initialized()
+    ray.shutdown()
+    temp = tempfile.mkdtemp(prefix="zr-ray-", dir="/tmp")  # short: Ray's socket paths have a length limit
+    yield temp
+    ray.shutdown()
+    shutil.rmtree(temp, ignore_errors=True)
+    if was_running:  # as conftest's ray_local started it, for the tests after this one
+        again = tempfile.mkdtemp(prefix="zr-ray-", dir="/tmp")
+        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, _temp_dir=again)
+        atexit.register(shutil.rmtree, again, True)
+
+
 @pytest.mark.slow
-def test_zero3_run_on_s3_resumes_from_s3_on_a_new_machine_after_a_crash(ray_local, s3, small_corpus, tmp_path):
+def test_zero3_run_on_s3_resumes_from_s3_on_a_new_machine_after_a_crash(ray_started_after_credentials, s3,
+                                                                         small_corpus, tmp_path):
     config = write_config(tmp_path / "zero3.yaml", small_corpus, tmp_path / "unused", trainer={"zero_stage": 3},
                           output=output(s3, "zero3", tmp_path / "machine-a"))
     spec = load_spec(config)
-    result = launch(spec, announce=lambda s: None)
+    result = launch(spec, announce=lambda s: None, ray_temp_dir=ray_started_after_credentials)
     remote = spec.output.remote
     full = remote_records(remote)
     assert [r["step"] for r in full] == list(range(1, 13))
@@ -68,7 +94,7 @@ def test_zero3_run_on_s3_resumes_from_s3_on_a_new_machine_after_a_crash(ray_loca
     remote.write_text("checkpoints/latest", tag_for(6) + "\n")
     elsewhere = load_spec(config, [f"output.cache_dir={tmp_path / 'machine-b'}"])
     said: list[str] = []
-    again = launch(elsewhere, announce=said.append)
+    again = launch(elsewhere, announce=said.append, ray_temp_dir=ray_started_after_credentials)
     assert said[0] == f"resuming s3://{BUCKET}/runs/zero3 from {tag_for(6)}"
     assert again.run.root.is_relative_to(tmp_path / "machine-b")
     resumed = remote_records(remote)[len(full):]
@@ -118,9 +144,19 @@ def test_bad_storage_settings_fail_before_anything_starts(s3, small_corpus, tmp_
                               output=output(s3, "bad", tmp_path / "cache", **changes))
         return load_spec(config)
 
-    wrong_secret = spec_with(storage_options=s3.storage_options(secret="not-the-secret"))
-    with pytest.raises(ZerorayError, match=rf"output.dir s3://{BUCKET}/runs/bad cannot be written .*storage_options"):
-        prepare_run_dir(wrong_secret, fresh=False)
+    # Keys in the spec are refused by name, with where they go instead, before anything is written.
+    with pytest.raises(SpecError, match=r"output.storage_options.key, output.storage_options.secret look like "
+                                        r"credentials.*AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY") as err:
+        spec_with(storage_options=s3.storage_options(key=s3.key, secret=s3.secret))
+    assert s3.key not in str(err.value) and s3.secret not in str(err.value)
+    assert not (tmp_path / "cache").exists() and not s3.filesystem().exists(f"{BUCKET}/runs/bad")
+
+    with s3.credentials(secret="not-the-secret"):
+        wrong_secret = spec_with()
+        with pytest.raises(ZerorayError, match=rf"output.dir s3://{BUCKET}/runs/bad cannot be written "
+                                               rf".*storage_options") as err:
+            prepare_run_dir(wrong_secret, fresh=False)
+    assert "not-the-secret" not in str(err.value)
     with pytest.raises(ZerorayError, match="cannot be written"):
         prepare_run_dir(spec_with(dir="s3://no-such-bucket-zr/runs"), fresh=False)
     with pytest.raises(SpecError, match="memory:// lives inside one process"):

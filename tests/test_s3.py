@@ -1,5 +1,6 @@
-"""Sources on S3, read from a real S3-compatible server (moto, credentials checked): the same batches as
-from local disk, resume, and clear errors for a wrong bucket, wrong credentials or no server."""
+"""Sources on S3, read from a real S3-compatible server (moto, credentials checked, taken from the
+environment): the same batches as from local disk, resume, and clear errors for a wrong bucket, wrong
+credentials or no server."""
 
 from __future__ import annotations
 
@@ -80,9 +81,9 @@ def test_wrong_bucket_credentials_or_endpoint_are_clear_errors(s3, monkeypatch):
     server, _ = s3
     with pytest.raises(SourceError, match=r"'s3://no-such-bucket/\*.jsonl' matches no files .*keys: endpoint_url"):
         BatchStream(config("s3://no-such-bucket/*.jsonl", server.storage_options()), 4)
-    wrong = server.storage_options(secret="not-the-secret")
-    with pytest.raises(SourceError, match="listing its files failed \\(PermissionError: .*signature") as err:
-        BatchStream(config(f"s3://{BUCKET}/corpus/*.jsonl", wrong), 4)
+    with (server.credentials(secret="not-the-secret"),
+          pytest.raises(SourceError, match="listing its files failed \\(PermissionError: .*signature") as err):
+        BatchStream(config(f"s3://{BUCKET}/corpus/*.jsonl", server.storage_options()), 4)
     assert "not-the-secret" not in str(err.value) and server.key not in str(err.value)
     with socket.socket() as sock:  # a port nobody listens on
         sock.bind(("127.0.0.1", 0))

@@ -50,14 +50,6 @@ class OutputConfig(BaseModel):
         None, description="MLflow tracking URI (a server, or sqlite:///…); default `file:RUN_DIR/mlruns`."
     )
 
-    @field_validator("dir", "storage_options", "mlflow_uri")
-    @classmethod
-    def _no_credentials(cls, value: Any, info) -> Any:
-        """The spec is saved with the run: credentials belong in the environment (trainer.secrets)."""
-        from trainer.secrets import refuse_credentials
-
-        return refuse_credentials(value, f"output.{info.field_name}", url=info.data.get("dir", value))
-
     @field_validator("dir")
     @classmethod
     def _storage_exists(cls, value: str) -> str:
