@@ -25,20 +25,20 @@ from functools import partial
 from typing import ClassVar, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 from torch import nn
 
+from models.family import FamilyConfig, ModelFamily
 from models.layers.attention import Attention
 from models.layers.gbst import GBST
 from models.layers.mlp import SwiGLU, swiglu_hidden_size
 from models.layers.norms import RMSNorm
-from models.output import ModelOutput, token_cross_entropy
-from models.parameters import count_parameters, decay_param_groups, init_normal
+from models.output import ModelOutput
+from models.parameters import init_normal
 from models.registry import register
 
 
-class CharformerConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class CharformerConfig(FamilyConfig):
     objectives: ClassVar[tuple[str, ...]] = ("span_corruption",)
 
     name: Literal["charformer"] = Field("charformer", description="Model family; `zeroray models` lists them.")
@@ -122,12 +122,9 @@ class DecoderBlock(nn.Module):
         return x + self.mlp(self.mlp_norm(x))
 
 
-class CharformerModel(nn.Module):
+class CharformerModel(ModelFamily):
     def __init__(self, cfg: CharformerConfig):
-        super().__init__()
-        if cfg.vocab_size < 1:
-            raise ValueError("model.vocab_size is 0: resolve it from the tokenizer before building the model")
-        self.config = cfg
+        super().__init__(cfg)
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)  # encoder and decoder (T5's `shared`)
         self.gbst = (GBST(cfg.d_model, cfg.max_block_size, cfg.downsample, cfg.conv_kernel, cfg.score_calibration)
                      if cfg.gbst else None)
@@ -177,19 +174,9 @@ class CharformerModel(nn.Module):
                 raise ValueError(f"{key} of {ids.shape[1]} tokens exceeds model.max_seq_len {limit}")
         memory, memory_mask = self.encode(input_ids, attention_mask)
         logits = self.decode(decoder_input_ids, memory, memory_mask)
-        loss = None
-        if labels is not None:
-            loss = token_cross_entropy(logits, labels)
-        return ModelOutput(loss=loss, logits=logits, aux_losses=None)
+        return ModelOutput(loss=self.loss(logits, labels), logits=logits, aux_losses=None)
 
     # ---- accounting -------------------------------------------------------------------------
-    def num_parameters(self, exclude_embeddings: bool = False) -> int:
-        total = count_parameters(self)
-        return total - self.embed.weight.numel() if exclude_embeddings else total
-
-    def num_active_parameters(self) -> int:
-        return self.num_parameters()  # dense: every token passes through every weight
-
     def tied_parameters(self) -> dict[str, str]:
         return {"lm_head.weight": "embed.weight"} if self.config.tie_embeddings else {}
 
@@ -230,10 +217,6 @@ class CharformerModel(nn.Module):
         attention = 12 * d * (cfg.n_encoder_layers * short * short
                               + cfg.n_decoder_layers * (target_len * target_len + target_len * short))
         return (6.0 * (gbst + encoder + decoder + head) + attention) / length
-
-    def param_groups(self, weight_decay: float) -> list[dict]:
-        """Matrices decay (embeddings and the convolution included), norms and biases do not."""
-        return decay_param_groups(self, weight_decay)
 
 
 register("charformer", CharformerConfig, CharformerModel,

@@ -67,10 +67,9 @@ from transformers.models.convbert.modeling_convbert import (
 from transformers.models.electra.modeling_electra import ElectraDiscriminatorPredictions, ElectraSelfAttention
 
 from models.convbert_config import BertConfig, ConvBertConfig, EncoderPretrainingConfig  # noqa: F401 (re-exported)
-from models.output import ModelOutput, token_cross_entropy
-from models.parameters import count_parameters, decay_param_groups
-
-IGNORE = -100
+from models.family import IGNORE_INDEX, ModelFamily
+from models.output import ModelOutput
+from models.parameters import decay_param_groups
 
 
 class PaddingAwareMixedAttention(ConvBertSelfAttention):
@@ -144,7 +143,7 @@ def corrupt(original: torch.Tensor, selected: torch.Tensor, samples: torch.Tenso
     return corrupted, corrupted != original
 
 
-class EncoderPretraining(nn.Module):
+class EncoderPretraining(ModelFamily):
     """MLM or replaced-token detection around a `transformers` encoder; subclasses pick the family.
 
     Parameters: mlm → `mlm` (a *ForMaskedLM). rtd → `discriminator` (the encoder kept for fine-tuning),
@@ -153,10 +152,7 @@ class EncoderPretraining(nn.Module):
     """
 
     def __init__(self, cfg: EncoderPretrainingConfig):
-        super().__init__()
-        if cfg.vocab_size < 1:
-            raise ValueError("model.vocab_size is 0: resolve it from the tokenizer before building the model")
-        self.config = cfg
+        super().__init__(cfg)
         if cfg.pretraining == "mlm":
             self.mlm = self.masked_lm(cfg.hf_config())
             return
@@ -191,14 +187,11 @@ class EncoderPretraining(nn.Module):
             raise ValueError(f"sequence of {input_ids.shape[1]} tokens exceeds model.max_seq_len {self.config.max_seq_len}")
         if self.config.pretraining == "mlm":
             logits = self.mlm(input_ids, attention_mask=attention_mask).logits
-            loss = None
-            if labels is not None:
-                loss = token_cross_entropy(logits, labels)
-            return ModelOutput(loss=loss, logits=logits)
+            return ModelOutput(loss=self.loss(logits, labels), logits=logits)
         if labels is None:  # inference: which tokens of input_ids look replaced
             return ModelOutput(logits=self.discriminate(input_ids, attention_mask))
 
-        selected = labels != IGNORE
+        selected = labels != IGNORE_INDEX
         generator_logits = self.generator(input_ids, attention_mask=attention_mask).logits[selected].float()
         generator_loss = F.cross_entropy(generator_logits, labels[selected])
         original = torch.where(selected, labels, input_ids)
@@ -219,11 +212,6 @@ class EncoderPretraining(nn.Module):
         hidden = self.discriminator(input_ids, attention_mask=attention_mask).last_hidden_state
         return self.discriminator_head(hidden)
 
-    def step_statistics(self) -> dict[str, torch.Tensor]:
-        """rtd: share of the selected positions whose sample differs from the original, and the
-        discriminator's accuracy over all positions (ELECTRA's disc_accuracy)."""
-        return getattr(self, "_statistics", {})
-
     def tied_parameters(self) -> dict[str, str]:
         """Each shared parameter's later name → its first name (generator embeddings → the
         discriminator's; MLM decoder → the word embeddings)."""
@@ -236,13 +224,8 @@ class EncoderPretraining(nn.Module):
                 first[id(p)] = name
         return tied
 
-    # ---- accounting -------------------------------------------------------------------------
-    def num_parameters(self) -> int:
-        return count_parameters(self)
-
-    def num_active_parameters(self) -> int:
-        return self.num_parameters()  # dense: every token passes through every weight
-
+    # ---- accounting (rtd's statistics: the replaced share of the selected positions and the
+    # discriminator's accuracy over all positions, ELECTRA's disc_accuracy) ----------------------
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token: 6 × multiply-adds, generator included under rtd.
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
+from models.family import FamilyConfig
 from models.registry import register
 
 if TYPE_CHECKING:
@@ -19,11 +20,11 @@ if TYPE_CHECKING:
     from transformers import ElectraConfig
 
 
-class EncoderPretrainingConfig(BaseModel):
+class EncoderPretrainingConfig(FamilyConfig):
     """What ConvBERT and its BERT baseline share: shapes, and how they are pre-trained."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
     objectives: ClassVar[tuple[str, ...]] = ("mlm",)
+    supports_activation_checkpointing: ClassVar[bool] = True
 
     name: str = Field(..., description="Model family; `zeroray models` lists them.")
     vocab_size: int = Field(

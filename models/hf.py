@@ -23,6 +23,7 @@ from transformers import (
 from transformers.modeling_outputs import CausalLMOutput
 
 import models
+from models.output import IGNORE_INDEX
 
 
 class ZerorayConfig(PretrainedConfig):
@@ -77,7 +78,7 @@ class ZerorayForCausalLM(ZerorayPreTrainedModel):
         loss = None
         if labels is not None:
             logits = out.logits[:, :-1].float()
-            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
         return CausalLMOutput(loss=loss, logits=out.logits)
 
 

@@ -15,23 +15,26 @@ from functools import partial
 from typing import ClassVar, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from models.family import FamilyConfig, ModelFamily
 from models.layers.attention import Attention, document_causal_mask
 from models.layers.hyper_connections import HyperConnection, mixing_statistics
 from models.layers.mlp import SwiGLU, swiglu_hidden_size
 from models.layers.moe import MoEConfig, MoELayer, collect_routing
 from models.layers.norms import RMSNorm
-from models.output import ModelOutput, token_cross_entropy
-from models.parameters import count_parameters, decay_param_groups, init_normal
+from models.output import ModelOutput
+from models.parameters import init_normal
 from models.registry import register
 
 
-class LlamaConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class LlamaConfig(FamilyConfig):
     objectives: ClassVar[tuple[str, ...]] = ("causal",)
+    supports_segment_ids: ClassVar[bool] = True
+    supports_activation_checkpointing: ClassVar[bool] = True
+    supports_moe: ClassVar[bool] = True
 
     name: Literal["llama"] = Field("llama", description="Model family; `zeroray models` lists them.")
     vocab_size: int = Field(0, ge=0, description="Tokens in the vocabulary; 0 = take it from the data's tokenizer.")
@@ -110,12 +113,9 @@ class Block(nn.Module):
         return HyperConnection.depth(self.mlp(self.mlp_norm(h)), carried, beta)
 
 
-class LlamaModel(nn.Module):
+class LlamaModel(ModelFamily):
     def __init__(self, cfg: LlamaConfig):
-        super().__init__()
-        if cfg.vocab_size < 1:
-            raise ValueError("model.vocab_size is 0: resolve it from the tokenizer before building the model")
-        self.config = cfg
+        super().__init__(cfg)
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model)
@@ -128,12 +128,6 @@ class LlamaModel(nn.Module):
             if name.endswith(("o_proj.weight", "down_proj.weight", "w_down")):
                 nn.init.normal_(p, std=cfg.init_std / math.sqrt(2 * cfg.n_layers))
         self.activation_checkpointing = False
-
-    @property
-    def moe_layers(self) -> list[MoELayer]:
-        """Looked up on every use, not kept from __init__: expert parallelism swaps the layers for
-        their sharded versions after the model is built (models/layers/expert_parallel.py)."""
-        return [m for m in self.modules() if isinstance(m, MoELayer)]
 
     @property
     def hyper_connections(self) -> list[HyperConnection]:
@@ -174,11 +168,7 @@ class LlamaModel(nn.Module):
         # Snapshot now: a recomputed forward (activation checkpointing) must not count twice.
         aux, self._statistics = collect_routing(self.moe_layers)
         self._mixing_records = [list(c.calls) for c in hyper]
-        loss = None
-        if labels is not None:
-            loss = token_cross_entropy(logits, labels)
-            loss = loss + sum(aux.values()) if aux else loss
-        return ModelOutput(loss=loss, logits=logits, aux_losses=aux or None)
+        return ModelOutput(loss=self.loss(logits, labels, aux), logits=logits, aux_losses=aux or None)
 
     def tied_parameters(self) -> dict[str, str]:
         return {"lm_head.weight": "embed.weight"} if self.config.tie_embeddings else {}
@@ -190,14 +180,6 @@ class LlamaModel(nn.Module):
         return {**getattr(self, "_statistics", {}), **mixing_statistics(getattr(self, "_mixing_records", []))}
 
     # ---- accounting -------------------------------------------------------------------------
-    def num_parameters(self, exclude_embeddings: bool = False) -> int:
-        total = count_parameters(self)
-        return total - self.embed.weight.numel() if exclude_embeddings else total
-
-    def num_active_parameters(self) -> int:
-        """Parameters a token passes through: only top_k of each MoE layer's experts."""
-        return self.num_parameters() - sum(m.inactive_parameters() for m in self.moe_layers)
-
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token: 6 × multiply-adds per token + attention scores (PaLM appendix B).
 
@@ -211,10 +193,6 @@ class LlamaModel(nn.Module):
         macs += sum(m.macs_per_token(cfg.d_model) for m in self.modules() if isinstance(m, HyperConnection))
         attention = 12 * cfg.n_layers * cfg.d_model * seq_len
         return 6.0 * macs + attention
-
-    def param_groups(self, weight_decay: float) -> list[dict]:
-        """Matrices decay, norms and the static hyper-connection matrices do not (`matrices_decay`)."""
-        return decay_param_groups(self, weight_decay)
 
 
 register("llama", LlamaConfig, LlamaModel, "Llama-style decoder (RMSNorm, RoPE, SwiGLU, SDPA), dense or MoE: the baseline")

@@ -21,7 +21,12 @@ class ModelOutput(HFModelOutput):
     """Auxiliary losses (already included in `loss`), reported separately in the metrics."""
 
 
+IGNORE_INDEX = -100
+"""Label of positions without a target (PyTorch's and transformers' convention), everywhere in zeroray;
+data_pipelines.objectives.IGNORE writes it into batches (tests/test_model_contract.py checks they agree)."""
+
+
 def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy over the labelled positions (−100 = none), in fp32: a bf16 log-softmax over
     a large vocabulary loses the small terms."""
-    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)

@@ -24,24 +24,26 @@ from functools import partial
 from typing import ClassVar, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from models.family import FamilyConfig, ModelFamily
 from models.layers.attention import Attention
 from models.layers.mlp import SwiGLU, swiglu_hidden_size
 from models.layers.moe import MoEConfig, MoELayer, collect_routing
 from models.layers.norms import LayerNorm
-from models.output import ModelOutput, token_cross_entropy
-from models.parameters import count_parameters, decay_param_groups, init_normal
+from models.output import ModelOutput
+from models.parameters import init_normal
 from models.registry import register
 
 PAPER_MOE = MoEConfig(num_experts=4, top_k=2, capacity_factor=1.2, aux_loss_coef=0.01, z_loss_coef=0.0)
 
 
-class WideNetConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class WideNetConfig(FamilyConfig):
     objectives: ClassVar[tuple[str, ...]] = ("mlm",)
+    supports_activation_checkpointing: ClassVar[bool] = True
+    supports_moe: ClassVar[bool] = True
     causal: ClassVar[bool] = False
 
     name: Literal["widenet"] = Field("widenet", description="Model family; `zeroray models` lists them.")
@@ -92,15 +94,12 @@ class WideNetDecoderConfig(WideNetConfig):
     name: Literal["widenet_decoder"] = Field("widenet_decoder", description="Model family; `zeroray models` lists them.")
 
 
-class WideNet(nn.Module):
+class WideNet(ModelFamily):
     """`attn` and the FFN (`moe`, or `mlp` when dense) are single modules used at every depth when
     shared, and ModuleLists with one module per depth when not."""
 
     def __init__(self, cfg: WideNetConfig):
-        super().__init__()
-        if cfg.vocab_size < 1:
-            raise ValueError("model.vocab_size is 0: resolve it from the tokenizer before building the model")
-        self.config = cfg
+        super().__init__(cfg)
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
 
         def attention() -> nn.Module:
@@ -133,12 +132,6 @@ class WideNet(nn.Module):
                 nn.init.normal_(p, std=cfg.init_std / math.sqrt(2 * cfg.n_layers))
         self.activation_checkpointing = False
 
-    @property
-    def moe_layers(self) -> list[MoELayer]:
-        """Each distinct MoE layer once (one when shared). Looked up on every use: expert parallelism
-        swaps the layers for their sharded versions after the model is built."""
-        return [m for m in self.modules() if isinstance(m, MoELayer)]
-
     def _at(self, modules: nn.Module, depth: int) -> nn.Module:
         return modules if self.config.share else modules[depth]
 
@@ -167,25 +160,12 @@ class WideNet(nn.Module):
         # Summed over all L uses of the shared MoE (or over the L unshared ones); snapshot before any
         # recomputation can add calls.
         aux, self._statistics = collect_routing(self.moe_layers)
-        loss = None
-        if labels is not None:
-            loss = token_cross_entropy(logits, labels)
-            loss = loss + sum(aux.values()) if aux else loss
-        return ModelOutput(loss=loss, logits=logits, aux_losses=aux or None)
-
-    def step_statistics(self) -> dict[str, torch.Tensor]:
-        return getattr(self, "_statistics", {})
+        return ModelOutput(loss=self.loss(logits, labels, aux), logits=logits, aux_losses=aux or None)
 
     def tied_parameters(self) -> dict[str, str]:
         return {"lm_head.weight": "embed.weight"}
 
-    # ---- accounting -------------------------------------------------------------------------
-    def num_parameters(self) -> int:
-        return count_parameters(self)  # the shared blocks once
-
-    def num_active_parameters(self) -> int:
-        return self.num_parameters() - sum(m.inactive_parameters() for m in self.moe_layers)
-
+    # ---- accounting (parameters: the shared blocks once, ModelFamily.num_parameters) ------------
     def flops_per_token(self, seq_len: int) -> float:
         """6 × multiply-adds per token, counting each of the L layers whether its weights are shared
         or not: attention projections, and the dense FFN or the router + top_k experts; plus the
@@ -204,10 +184,6 @@ class WideNet(nn.Module):
                 moe = self._at(self.moe, depth)
                 macs += moe.router.weight.numel() + moe.expert_macs_per_token()
         return 6.0 * macs + 12 * cfg.n_layers * cfg.d_model * seq_len
-
-    def param_groups(self, weight_decay: float) -> list[dict]:
-        """Decay matrices (embedding, projections, experts), not norms."""
-        return decay_param_groups(self, weight_decay)
 
 
 register("widenet", WideNetConfig, WideNet,
