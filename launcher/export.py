@@ -128,10 +128,35 @@ def _zero0_tensors(ckpt: Checkpoint) -> dict[str, torch.Tensor]:
 
 
 def export_hf(run_dir: Path, out_dir: Path, step: int | None = None) -> tuple[Checkpoint, Path]:
-    from models.hf import ZerorayConfig, wrapper_for
+    """A checkpoint as a folder `transformers` loads: its own class where one computes the same function
+    (models.hf_native: no remote code, no zeroray needed), else zeroray's wrapper with remote code."""
+    from models.hf_native import build_native, native_class_name
 
     ckpt, spec = find_checkpoint(run_dir, step)
     state = consolidated_state_dict(ckpt, spec)
+    native = native_class_name(spec.model)
+    hf_model = build_native(spec.model, state) if native else _remote_code_model(ckpt, spec, state)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    hf_model.save_pretrained(out_dir)  # safetensors
+    if not native:
+        for name, text in REMOTE_CODE.items():
+            (out_dir / name).write_text(text)
+    if spec.data.tokenizer != "bytes":
+        from transformers import PreTrainedTokenizerFast
+
+        from data_pipelines.tokenizer import EOS_TOKEN
+
+        PreTrainedTokenizerFast(tokenizer_file=spec.data.tokenizer, eos_token=EOS_TOKEN).save_pretrained(out_dir)
+    (out_dir / "zeroray_export.json").write_text(
+        json.dumps({"run_dir": str(run_dir), "checkpoint": str(ckpt.path), "step": ckpt.step,
+                    "class": native or type(hf_model).__name__, "remote_code": not native}, indent=2) + "\n"
+    )
+    return ckpt, out_dir
+
+
+def _remote_code_model(ckpt: Checkpoint, spec: RunSpec, state: dict[str, torch.Tensor]):
+    from models.hf import ZerorayConfig, wrapper_for
+
     wrapper, auto = wrapper_for(spec.model.name)
     config = ZerorayConfig(
         zeroray_model=spec.model.model_dump(mode="json"),
@@ -151,17 +176,4 @@ def export_hf(run_dir: Path, out_dir: Path, step: int | None = None) -> tuple[Ch
             f"checkpoint {ckpt.path} does not fit model {spec.model.name}: missing {result.missing_keys}, "
             f"unexpected {result.unexpected_keys}"
         )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    hf_model.save_pretrained(out_dir)
-    for name, text in REMOTE_CODE.items():
-        (out_dir / name).write_text(text)
-    if spec.data.tokenizer != "bytes":
-        from transformers import PreTrainedTokenizerFast
-
-        from data_pipelines.tokenizer import EOS_TOKEN
-
-        PreTrainedTokenizerFast(tokenizer_file=spec.data.tokenizer, eos_token=EOS_TOKEN).save_pretrained(out_dir)
-    (out_dir / "zeroray_export.json").write_text(
-        json.dumps({"run_dir": str(run_dir), "checkpoint": str(ckpt.path), "step": ckpt.step}, indent=2) + "\n"
-    )
-    return ckpt, out_dir
+    return hf_model

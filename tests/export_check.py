@@ -2,10 +2,59 @@
 
 from __future__ import annotations
 
+import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
+
+# Run in a fresh interpreter where zeroray's packages cannot be imported (the editable install makes
+# them importable from anywhere): a native export must load with transformers alone.
+WITHOUT_ZERORAY = """
+import importlib.abc, sys
+class NoZeroray(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("models", "trainer", "launcher", "data_pipelines", "cluster"):
+            raise ModuleNotFoundError(f"{name} is zeroray's; a native export must not need it")
+sys.meta_path.insert(0, NoZeroray())
+import torch
+from transformers import AutoModelForCausalLM
+folder, ids_file, out_file = sys.argv[1:]
+model = AutoModelForCausalLM.from_pretrained(folder).eval()
+ids = torch.load(ids_file)
+with torch.no_grad():
+    logits = model(ids).logits
+    out = model.generate(ids[:, :8], max_new_tokens=20, do_sample=False, use_cache=True, output_scores=True,
+                         return_dict_in_generate=True)
+    uncached = model(out.sequences, use_cache=False).logits[:, 7:-1]
+torch.save({"class": type(model).__name__, "logits": logits, "sequences": out.sequences,
+            "cached_scores": torch.stack(out.scores, dim=1), "uncached_logits": uncached}, out_file)
+"""
+
+
+def check_native(out_dir: Path, reference, input_ids: torch.Tensor) -> None:
+    """The exported folder, loaded by transformers without zeroray, gives zeroray's logits; greedy
+    decoding with the KV cache scores every new token as a forward pass without the cache does, and as
+    zeroray's own module does (logits compared, not tokens: a near-tie may flip an argmax)."""
+    ids_file, out_file = out_dir / "check_ids.pt", out_dir / "check_out.pt"
+    torch.save(input_ids, ids_file)
+    done = subprocess.run([sys.executable, "-c", WITHOUT_ZERORAY, str(out_dir), str(ids_file), str(out_file)],
+                          capture_output=True, text=True, cwd="/", timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = torch.load(out_file)
+    ids_file.unlink(), out_file.unlink()
+    assert got["class"] == json.loads((out_dir / "zeroray_export.json").read_text())["class"], got["class"]
+    assert not list(out_dir.glob("*.py")), f"a native export carries no remote code: {list(out_dir.glob('*.py'))}"
+    sequences, cached = got["sequences"], got["cached_scores"]
+    assert sequences.shape[1] == 28
+    assert torch.equal(sequences[:, 8:], cached.argmax(-1)), "greedy picks the top score"
+    with torch.no_grad():
+        torch.testing.assert_close(got["logits"], reference(input_ids).logits.float(), rtol=1e-4, atol=1e-4)
+        ours = reference(sequences).logits[:, 7:-1].float()
+    torch.testing.assert_close(cached, got["uncached_logits"], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(cached, ours, rtol=1e-4, atol=1e-4)
 
 
 def check_export(run_dir: Path, out_dir: Path, last_loss: float, exported: bool = False) -> None:
@@ -20,6 +69,15 @@ def check_export(run_dir: Path, out_dir: Path, last_loss: float, exported: bool 
     ckpt, spec = find_checkpoint(run_dir, None)
     if not exported:
         export_hf(run_dir, out_dir)
+    if not json.loads((out_dir / "zeroray_export.json").read_text())["remote_code"]:
+        reference = models.build(spec.model).eval()
+        reference.load_state_dict(consolidated_state_dict(ckpt, spec), strict=False)
+        batch = next(BatchStream(spec.data, micro_batch=spec.data.streams, rank=0, world=1))
+        check_native(out_dir, reference, batch["input_ids"][:, :64])
+        with torch.no_grad():  # ... and it is the trained model: its loss is near the last training loss
+            loss = reference(**batch).loss.item()
+        assert abs(loss - last_loss) < max(0.75, 0.15 * last_loss), (loss, last_loss)
+        return
     config = AutoConfig.from_pretrained(out_dir, trust_remote_code=True)
     wrapper, auto = wrapper_for(spec.model.name)
     hf = auto.from_pretrained(out_dir, trust_remote_code=True).eval()

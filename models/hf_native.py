@@ -1,0 +1,111 @@
+"""zeroray models as `transformers`' own classes, where one computes the same function.
+
+An exported folder of a native class loads with `transformers` alone (no `trust_remote_code`, no
+zeroray installed), so every downstream tool (vLLM, TGI, PEFT, lm-evaluation-harness, llama.cpp's
+converters) reads it. The mapping is checked by equal logits (tests/test_hf_native.py).
+
+- `llama`, dense → `LlamaForCausalLM`: the same pre-norm blocks (RMSNorm ε 1e-6, rotate-half RoPE,
+  SwiGLU, GQA, no biases), tied or untied embeddings.
+- `llama` with `moe` → `Qwen2MoeForCausalLM`. Why Qwen2-MoE: its router is ours — softmax over all
+  experts in fp32, then top-k, *without* renormalising the k weights (`norm_topk_prob: false`), and
+  no QK-norm in attention (`qkv_bias: false` removes its biases). Mixtral renormalises the top-k
+  weights and OLMoE normalises queries and keys, so neither computes our function. Qwen2-MoE always
+  has a gated shared expert: it is exported with zero weights (its output is exactly 0). Only a
+  dropless model (`moe.capacity_factor: 0`) matches: transformers' MoE blocks drop no tokens.
+- `hc_llm`, `widenet`, `charformer` have no `transformers` class: they export with remote code
+  (models/hf.py). `convbert`/`bert` are trained with replaced-token detection, which `transformers`
+  has no ConvBERT head for; they also export with remote code for now.
+"""
+
+from __future__ import annotations
+
+import torch
+from pydantic import BaseModel
+
+
+def native_class_name(cfg: BaseModel) -> str | None:
+    """The `transformers` class a model config exports to, or None (remote code)."""
+    if getattr(cfg, "name", None) != "llama":
+        return None
+    moe = cfg.moe
+    if moe is None:
+        return "LlamaForCausalLM"
+    return "Qwen2MoeForCausalLM" if moe.capacity_factor == 0 else None
+
+
+def _common(cfg) -> dict:
+    return dict(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layers,
+        num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.kv_heads, hidden_act="silu",
+        max_position_embeddings=cfg.max_seq_len, rms_norm_eps=1e-6,  # models/layers/norms.RMSNorm's ε
+        tie_word_embeddings=cfg.tie_embeddings,
+        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+        bos_token_id=None, eos_token_id=None, pad_token_id=None,
+    )
+
+
+def _attention_and_norms(state: dict[str, torch.Tensor], n_layers: int) -> dict[str, torch.Tensor]:
+    out = {"model.embed_tokens.weight": state["embed.weight"], "model.norm.weight": state["norm.weight"],
+           "lm_head.weight": state.get("lm_head.weight", state["embed.weight"])}
+    for i in range(n_layers):
+        ours, theirs = f"blocks.{i}.", f"model.layers.{i}."
+        out[theirs + "input_layernorm.weight"] = state[ours + "attn_norm.weight"]
+        out[theirs + "post_attention_layernorm.weight"] = state[ours + "mlp_norm.weight"]
+        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            out[f"{theirs}self_attn.{proj}.weight"] = state[f"{ours}attn.{proj}.weight"]
+    return out
+
+
+def to_native(cfg: BaseModel, state: dict[str, torch.Tensor]):
+    """(transformers config, state dict under its names) for a model config with a native class.
+    `state` is zeroray's full (consolidated) state dict."""
+    import transformers
+
+    name = native_class_name(cfg)
+    if name is None:
+        raise ValueError(f"model {cfg.name!r} has no native transformers class")
+    weights = _attention_and_norms(state, cfg.n_layers)
+    if name == "LlamaForCausalLM":
+        config = transformers.LlamaConfig(**_common(cfg), intermediate_size=cfg.mlp_hidden,
+                                          attention_bias=False, mlp_bias=False)
+        for i in range(cfg.n_layers):
+            for proj in ("gate_proj", "up_proj", "down_proj"):
+                weights[f"model.layers.{i}.mlp.{proj}.weight"] = state[f"blocks.{i}.mlp.{proj}.weight"]
+        return config, weights
+    moe = cfg.moe
+    config = transformers.Qwen2MoeConfig(
+        **_common(cfg), intermediate_size=cfg.expert_hidden, moe_intermediate_size=cfg.expert_hidden,
+        num_experts=moe.num_experts, num_experts_per_tok=moe.top_k, norm_topk_prob=False, qkv_bias=False,
+        decoder_sparse_step=1, mlp_only_layers=[], shared_expert_intermediate_size=1, use_sliding_window=False,
+        router_aux_loss_coef=moe.aux_loss_coef,
+    )
+    for i in range(cfg.n_layers):
+        ours, theirs = f"blocks.{i}.mlp.", f"model.layers.{i}.mlp."
+        weights[theirs + "gate.weight"] = state[ours + "router.weight"]
+        # Ours: x @ w_gate[e] with w_gate [E, d, H]; theirs: linear(x, gate_up_proj[e]) with [E, 2H, d].
+        weights[theirs + "experts.gate_up_proj"] = torch.cat(
+            (state[ours + "w_gate"].transpose(1, 2), state[ours + "w_up"].transpose(1, 2)), dim=1).contiguous()
+        weights[theirs + "experts.down_proj"] = state[ours + "w_down"].transpose(1, 2).contiguous()
+        d = cfg.d_model
+        weights[theirs + "shared_expert.gate_proj.weight"] = torch.zeros(1, d)
+        weights[theirs + "shared_expert.up_proj.weight"] = torch.zeros(1, d)
+        weights[theirs + "shared_expert.down_proj.weight"] = torch.zeros(d, 1)
+        weights[theirs + "shared_expert_gate.weight"] = torch.zeros(1, d)
+    return config, weights
+
+
+def build_native(cfg: BaseModel, state: dict[str, torch.Tensor]):
+    """The `transformers` model with zeroray's weights loaded (fp32, eval mode)."""
+    import transformers
+
+    config, weights = to_native(cfg, state)
+    model_cls = getattr(transformers, native_class_name(cfg))
+    model = model_cls(config)  # on the CPU, not meta: rotary tables are buffers that are not loaded
+    result = model.load_state_dict({k: v.float() for k, v in weights.items()}, strict=False)
+    tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    if result.unexpected_keys or set(result.missing_keys) - tied:
+        raise ValueError(f"the {model_cls.__name__} export does not fit: missing {result.missing_keys}, "
+                         f"unexpected {result.unexpected_keys}")
+    if tied:
+        model.tie_weights()
+    return model.eval()
