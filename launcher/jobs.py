@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from launcher.cli_args import add_config_args
 from trainer.errors import SpecError, ZerorayError
 
 PACKAGES = ("launcher", "trainer", "models", "data_pipelines", "cluster")  # what pyproject installs
@@ -415,7 +416,7 @@ def _add_address(p: argparse.ArgumentParser) -> None:
                    help="the cluster's Ray dashboard, e.g. http://127.0.0.1:8265 (default $RAY_API_SERVER_ADDRESS)")
 
 
-def add_commands(sub, add_config_args) -> None:
+def add_commands(sub) -> None:
     """Register submit, sweep, status, logs and stop on the `zeroray` parser's subcommands."""
     submit = sub.add_parser(
         "submit", help="run a spec as a Ray job on a remote cluster",
