@@ -52,7 +52,7 @@ def test_an_arm_of_another_family_keeps_the_shapes(in_checkout):
     """`model.name=bert` on the ConvBERT config is configs/bert_tiny.yaml's model; `model.name=llama`
     on the hyper-connection config is its decoder without hyper-connections."""
     convbert = ex.plan(ex.load_experiment("convbert"), "tiny", 1, in_checkout / "c")
-    bert_tiny = load_spec(ex.CONFIGS / "bert_tiny.yaml", ["model.pretraining=mlm"])
+    bert_tiny = load_spec(ex.configs_dir() / "bert_tiny.yaml", ["model.pretraining=mlm"])
     assert convbert.runs_of("bert")[0].spec.model == bert_tiny.model
     assert convbert.runs_of("convbert")[0].spec.model.pretraining == "mlm"
     hc = ex.plan(ex.load_experiment("hyper-connections"), "tiny", 1, in_checkout / "h")
