@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from launcher.cli import main
-from launcher.jobs import expand_sweep, split_values, sweep_name
+from launcher.sweep import expand_sweep, split_values, sweep_name
 from tests.conftest import write_config
 from trainer.errors import SpecError
 
