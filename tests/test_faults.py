@@ -19,7 +19,8 @@ import pytest
 import torch.distributed as dist
 import yaml
 
-from cluster.local import SimulatedCluster, scaling_config
+from cluster.local import scaling_config
+from cluster.simulated import SimulatedCluster
 from launcher.driver_stop import DriverStop
 from launcher.ray_launch import launch
 from tests.conftest import REPO, write_config
