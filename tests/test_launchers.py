@@ -145,6 +145,30 @@ def test_torchrun_runs_the_same_trainer_with_zero1_compiled(tiny_config, tmp_pat
     assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000006"
 
 
+def test_accelerate_launch_runs_the_same_trainer_as_torchrun(tiny_config, tmp_path):
+    """`accelerate launch --use_deepspeed` only provides the processes and their environment (the trainer
+    builds its own DeepSpeed engine from the spec): two CPU processes give torchrun's losses exactly."""
+    overrides = ["trainer.zero_stage=1", "trainer.max_steps=3", "trainer.warmup_steps=1"]
+    bin_dir = Path(sys.executable).parent
+    launchers = {
+        "accelerate": [str(bin_dir / "accelerate"), "launch", "--num_processes", "2", "--num_machines", "1",
+                       "--mixed_precision", "no", "--dynamo_backend", "no", "--use_deepspeed", "--zero_stage", "1"],
+        "torchrun": [str(bin_dir / "torchrun"), "--standalone", "--nproc_per_node", "2"],
+    }
+    losses = {}
+    for name, launcher in launchers.items():
+        cmd = [*launcher, "-m", "trainer", str(tiny_config), *overrides, f"output.name={name}"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(tmp_path), timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "finished at step 3" in proc.stdout
+        records = (tmp_path / "runs" / name / "metrics.jsonl").read_text().splitlines()
+        losses[name] = [json.loads(line)["loss"] for line in records]
+        assert sorted(f.name for f in (tmp_path / "runs" / name / "logs").glob("rank_*.log")) == [
+            "rank_0.log", "rank_1.log"]
+    assert len(losses["accelerate"]) == 3
+    assert losses["accelerate"] == pytest.approx(losses["torchrun"], rel=1e-6)
+
+
 def tensorboard_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
     """Reads tensorboardX event files (TFRecord framing: length, crc, event proto, crc)."""
     import struct
