@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from deepspeed.checkpoint.autoep_affine import (
     autoep_placement_to_affine_map,
     legacy_uniform_autoep_placement_descriptor,
@@ -54,7 +53,7 @@ from deepspeed.module_inject.auto_ep_layer import AutoEPMoELayer
 from deepspeed.utils import groups
 from torch import nn
 
-from models.layers.moe import MoELayer
+from models.layers.moe import MoELayer, experts_swiglu
 
 # DeepSpeed's checkpoint code hard-codes these names (engine.py:5154); ours are w_gate/w_up/w_down.
 EXPERT_NAMES = {"w1": "w_gate", "w3": "w_up", "w2": "w_down"}
@@ -91,11 +90,8 @@ class LocalExperts(nn.Module):
         self.w3 = nn.Parameter(w_up.detach().clone())  # [E_local, d, h]
         self.w2 = nn.Parameter(w_down.detach().clone())  # [E_local, h, d]
 
-    def forward(self, rows: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        outputs = []
-        for i, chunk in enumerate(rows.split(counts)):
-            outputs.append((F.silu(chunk @ self.w1[i]) * (chunk @ self.w3[i])) @ self.w2[i])
-        return torch.cat(outputs)
+    def forward(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        return experts_swiglu(rows, counts, self.w1, self.w3, self.w2)
 
 
 class ExpertParallelMoE(MoELayer, AutoEPMoELayer):
@@ -174,6 +170,7 @@ class ExpertParallelMoE(MoELayer, AutoEPMoELayer):
         ep, el = self.ep_size, self.num_local_experts
         recv_counts = torch.empty_like(counts)  # [source rank][local expert]
         dist.all_to_all_single(recv_counts, counts, group=self.ep_group)
+        # all_to_all takes its split sizes as Python ints: the one host sync of an expert-parallel layer.
         send_split, recv_split = torch.stack(
             (counts.view(ep, el).sum(1), recv_counts.view(ep, el).sum(1))
         ).tolist()
@@ -181,7 +178,7 @@ class ExpertParallelMoE(MoELayer, AutoEPMoELayer):
         # Received rows are grouped by source rank, then local expert: regroup them by expert.
         local_expert = torch.arange(el, device=rows.device).repeat(ep).repeat_interleave(recv_counts)
         by_expert = local_expert.argsort(stable=True)
-        out = self.experts(received[by_expert], recv_counts.view(ep, el).sum(0).tolist())
+        out = self.experts(received[by_expert], recv_counts.view(ep, el).sum(0))
         out = torch.empty_like(out).index_copy_(0, by_expert, out)  # back to [source rank][expert]
         return _AllToAll.apply(out, send_split, recv_split, self.ep_group)
 
