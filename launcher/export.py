@@ -20,6 +20,7 @@ import torch
 import models
 from trainer.checkpoint import Checkpoint, CheckpointStore
 from trainer.errors import ZerorayError
+from trainer.safe_load import UnsafeCheckpointError, load_file, weights_only_loads
 from trainer.spec import RunSpec, read_spec
 from trainer.storage import RunDir
 
@@ -53,7 +54,16 @@ def find_checkpoint(run_dir: Path, step: int | None) -> tuple[Checkpoint, RunSpe
 
 def consolidated_state_dict(ckpt: Checkpoint, spec: RunSpec) -> dict[str, torch.Tensor]:
     """Full fp32 weights of the checkpoint under the plain model's names, whatever ZeRO stage and
-    expert parallelism wrote it."""
+    expert parallelism wrote it. Every file is read weights-only (trainer.safe_load): a checkpoint
+    someone replaced with a code-running pickle is refused, not run."""
+    try:
+        with weights_only_loads():
+            return _consolidated(ckpt, spec)
+    except UnsafeCheckpointError as exc:
+        raise ZerorayError(str(exc)) from None
+
+
+def _consolidated(ckpt: Checkpoint, spec: RunSpec) -> dict[str, torch.Tensor]:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     if spec.trainer.expert_parallel > 1:
@@ -61,7 +71,7 @@ def consolidated_state_dict(ckpt: Checkpoint, spec: RunSpec) -> dict[str, torch.
     if spec.trainer.zero_stage > 0:
         return get_fp32_state_dict_from_zero_checkpoint(str(ckpt.path.parent), tag=ckpt.tag)
     # ZeRO stage 0: the full module is in the model-states file.
-    states = torch.load(ckpt.path / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    states = load_file(ckpt.path / "mp_rank_00_model_states.pt")
     return {k: v.float() for k, v in states["module"].items()}
 
 
@@ -97,7 +107,8 @@ def _universal_tensors(ckpt: Checkpoint) -> dict[str, torch.Tensor]:
     with tempfile.TemporaryDirectory(prefix="zeroray-export-") as tmp:
         out = Path(tmp) / "universal"
         proc = subprocess.run(
-            [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ckpt.path),
+            [sys.executable, "-m", "trainer.safe_load", "deepspeed.checkpoint.ds_to_universal",  # weights-only
+             "--input_folder", str(ckpt.path),
              "--output_folder", str(out), "--num_extract_workers", "1", "--num_merge_workers", "1"],
             capture_output=True, text=True,
         )
@@ -108,7 +119,7 @@ def _universal_tensors(ckpt: Checkpoint) -> dict[str, torch.Tensor]:
         whole = {}
         for d in (out / "zero").iterdir():
             if (d / "fp32.pt").is_file():
-                saved = torch.load(d / "fp32.pt", map_location="cpu", weights_only=False)
+                saved = load_file(d / "fp32.pt")
                 whole[d.name] = saved["param"] if isinstance(saved, dict) else saved  # both forms occur
         return whole
 
@@ -116,10 +127,10 @@ def _universal_tensors(ckpt: Checkpoint) -> dict[str, torch.Tensor]:
 def _zero0_tensors(ckpt: Checkpoint) -> dict[str, torch.Tensor]:
     """The shared weights, plus each `<layer>.experts.wN` stacked from DeepSpeed's per-expert files
     (`layer_L_expert_E_mp_rank_00_model_states.pt`, keys `<layer>.experts.wN.<E>`)."""
-    whole = dict(torch.load(ckpt.path / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"])
+    whole = dict(load_file(ckpt.path / "mp_rank_00_model_states.pt")["module"])
     experts: dict[str, dict[int, torch.Tensor]] = defaultdict(dict)
     for f in ckpt.path.glob("layer_*_expert_*_mp_rank_00_model_states.pt"):
-        for key, tensor in torch.load(f, map_location="cpu", weights_only=False).items():
+        for key, tensor in load_file(f).items():
             prefix, _, expert = key.rpartition(".")
             experts[prefix][int(expert)] = tensor
     for prefix, by_id in experts.items():

@@ -39,6 +39,7 @@ import torch
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 
+from trainer.safe_load import UnsafeCheckpointError, load_file
 from trainer.storage import Folder, LocalFolder, fsync_tree, sha256
 
 log = logging.getLogger("zeroray.checkpoint")
@@ -267,7 +268,10 @@ class CheckpointStore:
     def rank_state(self, ckpt: Checkpoint, rank: int | None = None) -> dict:
         """Data position and RNG of one rank (default: this one) as the checkpoint saved them."""
         rank = self.rank if rank is None else rank
-        return torch.load(ckpt.path / f"rank_{rank:05d}.pt", weights_only=False)
+        try:
+            return load_file(ckpt.path / f"rank_{rank:05d}.pt")
+        except UnsafeCheckpointError as exc:
+            raise CheckpointError(str(exc)) from None
 
     def universal(self, ckpt: Checkpoint) -> Path:
         """The checkpoint in DeepSpeed's universal format (whole, unpartitioned optimizer state), which
@@ -279,7 +283,8 @@ class CheckpointStore:
         if self.rank == 0 and not (out / "zero").is_dir():
             shutil.rmtree(out, ignore_errors=True)
             proc = subprocess.run(
-                [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ckpt.path),
+                [sys.executable, "-m", "trainer.safe_load", "deepspeed.checkpoint.ds_to_universal",  # weights-only
+                 "--input_folder", str(ckpt.path),
                  "--output_folder", str(out), "--num_extract_workers", "1", "--num_merge_workers", "1",
                  # Adds the version record DeepSpeed expects a Megatron-style client to have saved.
                  "--inject_missing_state"],

@@ -11,6 +11,7 @@ import torch.distributed as dist
 from data_pipelines import merge_states
 from trainer.build import Training, seed_everything
 from trainer.checkpoint import Checkpoint, CheckpointError, CheckpointStore, set_rng_state
+from trainer.safe_load import UnsafeCheckpointError, weights_only_loads
 from trainer.spec import RunSpec, read_spec
 
 log = logging.getLogger("zeroray.trainer")
@@ -72,7 +73,11 @@ def load(training: Training, store: CheckpointStore, resume: Checkpoint) -> None
     if resized and t.zero_stage > 0:
         universal = store.universal(resume)
         root, tag = universal.parent, universal.name
-    load_path, _ = training.engine.load_checkpoint(str(root), tag=tag)
+    try:
+        with weights_only_loads():  # DeepSpeed's own loads too: nothing in the checkpoint runs code
+            load_path, _ = training.engine.load_checkpoint(str(root), tag=tag)
+    except UnsafeCheckpointError as exc:
+        raise CheckpointError(str(exc)) from None
     if load_path is None:
         raise CheckpointError(f"DeepSpeed could not load {resume.path}")
     training.step = resume.step
