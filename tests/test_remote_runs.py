@@ -10,6 +10,7 @@ import atexit
 import hashlib
 import json
 import logging
+import posixpath
 import shutil
 import tempfile
 import time
@@ -103,6 +104,16 @@ def test_zero3_run_on_s3_resumes_from_s3_on_a_new_machine_after_a_crash(ray_star
         assert after["loss"] == pytest.approx(before["loss"], rel=1e-5, abs=1e-5)
     assert "resumed from" in remote.read_text("logs/rank_1.log")
     check_export(again.run.root, tmp_path / "hf", last_loss=resumed[-1]["loss"])
+
+    # Every file the runs wrote — both working copies, the export, every object on S3 — holds neither
+    # the access key nor the secret (they travelled in the environment only).
+    secrets = (s3.key.encode(), s3.secret.encode())
+    local = [f for f in tmp_path.rglob("*") if f.is_file()]
+    on_s3 = [posixpath.join(remote.root, rel) for rel in remote.sizes()]
+    assert len(local) > 50 and len(on_s3) > 20, (len(local), len(on_s3))
+    leaked = [str(f) for f in local if any(x in f.read_bytes() for x in secrets)]
+    leaked += [path for path in on_s3 if any(x in remote.fs.cat_file(path) for x in secrets)]
+    assert not leaked, leaked
 
 
 def publish(remote: RemoteFolder, step: int, payload: bytes, manifest: bool = True) -> None:
