@@ -9,6 +9,9 @@
    what is wrong, or, if it is taken, it is taken whole (nothing silently replaced by a fresh value); a
    trace with any resume schedule fingerprints the same global batches as one without resumes.
 
+One file for the three (about 600 lines): they share the strategies (hostile YAML, override strings,
+damaged states) and the bounded-settings profile, which is what keeps the fuzzing within the suite's budget.
+
 Bounded: each property has a fixed number of examples and a deadline per example, and the runs are
 derandomized (the same examples every run, no example database written). ZERORAY_FUZZ=explore draws new
 examples, 10 times as many: `ZERORAY_FUZZ=explore pytest tests/test_fuzz.py --hypothesis-show-statistics`.
