@@ -160,19 +160,13 @@ def _spec_or_one_error(isolated, path, given_overrides) -> RunSpec | SpecError:
 
 
 def _known_unfixed(path, given_overrides) -> bool:
-    """The two failure classes found here whose fix belongs outside the parser (the xfail tests below): a path
-    of an unknown user's home (~name/…), and a range of workers too wide to check."""
+    """The failure class found here whose fix belongs outside the parser (the xfail test below): a range of
+    workers too wide to check."""
     try:
         raw = apply_overrides(read_yaml(path), list(given_overrides))
     except SpecError:
         return False
     sections = {k: v if isinstance(v, dict) else {} for k, v in raw.items() if k in TOP}
-    data, evaluation = sections.get("data", {}), sections.get("eval", {})
-    paths = [sections.get("output", {}).get("dir"), data.get("tokenizer")] + [
-        s.get("path") for group in (data.get("sources"), evaluation.get("sources")) if isinstance(group, list)
-        for s in group if isinstance(s, dict)]
-    if any(isinstance(p, str) and re.match(r"~[^/]", p) for p in paths):
-        return True
     workers = sections.get("cluster", {}).get("workers")
     return isinstance(workers, list) and any(isinstance(w, int) and abs(w) > 4096 for w in workers)
 
@@ -266,13 +260,13 @@ def test_each_failure_class_found_in_a_file_is_one_clear_spec_error(isolated, do
 
 
 @pytest.mark.parametrize("override", [
-    "data.sources.0.path=~nosuchuser/train",  # RuntimeError: Could not determine home directory (trainer/spec.py
-    "output.dir=~nosuchuser/runs",           # _absolute and resolve: Path.expanduser)
+    "data.sources.0.path=~nosuchuser/train",  # was RuntimeError from Path.expanduser in trainer/spec.py
+    "output.dir=~nosuchuser/runs",
     "data.tokenizer=~nosuchuser/tokenizer.json",
 ])
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason="found by fuzzing; fix in trainer/spec.py resolve/_absolute")
-def test_known_unfixed_unknown_user_in_a_path(isolated, override):
-    _spec_or_one_error(isolated, BYTES_CONFIG, [override])
+def test_an_unknown_user_in_a_path_is_one_spec_error(isolated, override):
+    outcome = _spec_or_one_error(isolated, BYTES_CONFIG, [override])
+    assert isinstance(outcome, SpecError) and "no user 'nosuchuser'" in str(outcome), outcome
 
 
 @pytest.mark.timeout(60)

@@ -194,10 +194,20 @@ def load_spec(path: str | Path, overrides: list[str] = ()) -> RunSpec:
     return resolve(parse_spec(raw, origin=str(path)))
 
 
-def _absolute(path: str) -> str:
-    if "://" in path or not (Path(path).expanduser().exists() or path.startswith((".", "/", "~"))):
+def _expanded(path: str, key: str) -> Path:
+    """`~` and `~user` expanded, with a clear error naming the key for a user this machine does not know."""
+    try:
+        return Path(path).expanduser()
+    except RuntimeError:
+        user = path[1:].split("/", 1)[0]
+        raise SpecError(f"{key} {path!r}: this machine has no user {user!r} whose home '~{user}' could stand "
+                        f"for; write the folder out in full") from None
+
+
+def _absolute(path: str, key: str) -> str:
+    if "://" in path or not (path.startswith((".", "/", "~")) or _expanded(path, key).exists()):
         return path  # URLs and Hub dataset names stay as written
-    return str(Path(path).expanduser().resolve())
+    return str(_expanded(path, key).resolve())
 
 
 def resolve(spec: RunSpec) -> RunSpec:
@@ -207,8 +217,10 @@ def resolve(spec: RunSpec) -> RunSpec:
 
     data = spec.data.model_copy(
         update={
-            "sources": tuple(s.model_copy(update={"path": _absolute(s.path)}) for s in spec.data.sources),
-            "tokenizer": spec.data.tokenizer if spec.data.tokenizer == "bytes" else _absolute(spec.data.tokenizer),
+            "sources": tuple(s.model_copy(update={"path": _absolute(s.path, f"data.sources.{i}.path")})
+                             for i, s in enumerate(spec.data.sources)),
+            "tokenizer": (spec.data.tokenizer if spec.data.tokenizer == "bytes"
+                          else _absolute(spec.data.tokenizer, "data.tokenizer")),
         }
     )
     try:
@@ -229,9 +241,10 @@ def resolve(spec: RunSpec) -> RunSpec:
         )
     output = spec.output
     if not is_url(output.dir):
-        output = output.model_copy(update={"dir": str(Path(output.dir).expanduser().resolve())})
+        output = output.model_copy(update={"dir": str(_expanded(output.dir, "output.dir").resolve())})
     held_out = spec.eval.model_copy(
-        update={"sources": tuple(s.model_copy(update={"path": _absolute(s.path)}) for s in spec.eval.sources)}
+        update={"sources": tuple(s.model_copy(update={"path": _absolute(s.path, f"eval.sources.{i}.path")})
+                                 for i, s in enumerate(spec.eval.sources))}
     )
     return parse_spec({**spec.to_dict(), "model": model.model_dump(mode="json"), "data": data.model_dump(mode="json"),
                        "eval": held_out.model_dump(mode="json"), "output": output.model_dump(mode="json")})
