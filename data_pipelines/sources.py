@@ -3,6 +3,9 @@
 JSON-lines and text files (local or at fsspec URLs) are read by `data_pipelines.readers`, which turns
 unusable records into BAD_COLUMN rows instead of failing the stream; parquet, arrow and Hub datasets go
 through datasets' own builders (their rows are typed: no per-record parse errors to report).
+
+JSON-lines and text files may be compressed (`a.jsonl.gz`, `b.txt.zst`; see readers.COMPRESSION_BY_SUFFIX):
+the suffix under the compression one names the format, and each file is still one shard.
 """
 
 from __future__ import annotations
@@ -16,7 +19,15 @@ import fsspec
 from datasets import Features, IterableDataset, Value, load_dataset
 
 from data_pipelines.config import SourceConfig
-from data_pipelines.readers import BAD_COLUMN, BAD_KINDS, LINE_FORMATS, read_files
+from data_pipelines.readers import (
+    BAD_COLUMN,
+    BAD_KINDS,
+    COMPRESSED_SUFFIXES,
+    LINE_FORMATS,
+    CompressionError,
+    compression_of,
+    read_files,
+)
 
 __all__ = ["BAD_COLUMN", "BAD_KINDS", "FORMAT_BY_EXTENSION", "SourceError", "open_source"]
 
@@ -41,10 +52,22 @@ def is_url(path: str) -> bool:
     return "://" in path
 
 
+def data_suffix(path: str) -> str:
+    """The suffix that names a file's format, under a compression suffix: `a.jsonl.gz` → `.jsonl`."""
+    p = Path(path)
+    return Path(p.stem).suffix if p.suffix in COMPRESSED_SUFFIXES else p.suffix
+
+
+def _is_data_file(path: str) -> bool:
+    # What a folder listing keeps: known formats, compressed or not (an unsupported compression is
+    # kept too, so that opening the source says what to do instead of skipping the file unseen).
+    return data_suffix(path) in FORMAT_BY_EXTENSION
+
+
 def _local_files(path: str) -> list[str]:
     p = Path(path).expanduser()
     if p.is_dir():
-        files = [str(f) for f in sorted(p.rglob("*")) if f.suffix in FORMAT_BY_EXTENSION and f.is_file()]
+        files = [str(f) for f in sorted(p.rglob("*")) if _is_data_file(f.name) and f.is_file()]
     elif any(ch in path for ch in _GLOB_CHARS):
         files = sorted(f for f in glob.glob(os.path.expanduser(path), recursive=True) if os.path.isfile(f))
     elif p.is_file():
@@ -63,7 +86,7 @@ def _url_files(url: str, storage_options: dict) -> list[str]:
             found = fs.glob(root, detail=True)
             paths = [p for p, info in found.items() if info["type"] == "file"]
         elif fs.isdir(root):
-            paths = [p for p in fs.find(root) if Path(p).suffix in FORMAT_BY_EXTENSION]
+            paths = [p for p in fs.find(root) if _is_data_file(p)]
         elif fs.isfile(root):
             paths = [root]
         else:
@@ -83,15 +106,34 @@ def option_keys(storage_options: dict) -> str:
 
 def _format_of(files: list[str], declared: str, where: str) -> str:
     if declared != "auto":
-        return declared
-    formats = {FORMAT_BY_EXTENSION.get(Path(f).suffix) for f in files}
-    if None in formats or len(formats) != 1:
-        raise SourceError(
-            f"data source {where!r}: cannot tell one format from the file extensions "
-            f"({', '.join(sorted({Path(f).suffix or '(none)' for f in files}))}); "
-            f"set `format:` on the source to one of parquet, json, text, arrow"
-        )
-    return formats.pop()
+        fmt = declared
+    else:
+        formats = {FORMAT_BY_EXTENSION.get(data_suffix(f)) for f in files}
+        if None in formats or len(formats) != 1:
+            raise SourceError(
+                f"data source {where!r}: cannot tell one format from the file extensions "
+                f"({', '.join(sorted({data_suffix(f) or '(none)' for f in files}))}); "
+                f"set `format:` on the source to one of parquet, json, text, arrow"
+            )
+        fmt = formats.pop()
+    _check_compression(files, fmt, where)
+    return fmt
+
+
+def _check_compression(files: list[str], fmt: str, where: str) -> None:
+    """Refuse, before any reading, files that no reader can decompress. Only our JSON/text reader
+    decompresses: parquet and arrow compress inside the file, and datasets' builders would not inflate
+    a `.parquet.gz`."""
+    for f in files:
+        try:
+            codec = compression_of(f)
+        except CompressionError as exc:
+            raise SourceError(f"data source {where!r}: {exc}") from None
+        if codec and fmt not in LINE_FORMATS:
+            raise SourceError(
+                f"data source {where!r}: {f} is a compressed {fmt} file; {fmt} files are compressed inside "
+                f"(their columns), so decompress it (e.g. `gzip -d`) and point the source at the plain file"
+            )
 
 
 def open_source(src: SourceConfig, text_field: str) -> IterableDataset:
@@ -116,7 +158,7 @@ def open_source(src: SourceConfig, text_field: str) -> IterableDataset:
         raise SourceError(
             f"data source {src.path!r} matches no files (storage_options {option_keys(storage_options)}). "
             f"Check the bucket and prefix; a folder URL lists files with the extensions "
-            f"{', '.join(FORMAT_BY_EXTENSION)}"
+            f"{', '.join(FORMAT_BY_EXTENSION)} (JSON-lines and text also compressed: .gz, .bz2, .xz, .zst)"
         )
     if _HUB_ID.match(src.path) and not Path(src.path).suffix:
         try:
@@ -129,5 +171,6 @@ def open_source(src: SourceConfig, text_field: str) -> IterableDataset:
             ) from exc
     raise SourceError(
         f"data source {src.path!r} does not exist or holds no files with a known extension "
-        f"({', '.join(FORMAT_BY_EXTENSION)}). Check the path, or create data with `zeroray data prepare`."
+        f"({', '.join(FORMAT_BY_EXTENSION)}; JSON-lines and text also compressed: .gz, .bz2, .xz, .zst). "
+        f"Check the path, or create data with `zeroray data prepare`."
     )
