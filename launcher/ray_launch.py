@@ -20,6 +20,7 @@ from launcher.trackers import open_trackers
 from trainer.checkpoint import CheckpointStore
 from trainer.errors import RunPreempted, ZerorayError
 from trainer.evaluation import held_out_batches
+from trainer.preemption import DrainNotice
 from trainer.run_prep import preflight_data, prepare_run_dir
 from trainer.spec import RunSpec, parse_spec
 from trainer.storage import RunDir, write_atomic
@@ -33,7 +34,7 @@ def _train_worker(config: dict) -> None:
 
     spec = parse_spec(config["spec"], origin="spec sent by the driver")
     _record_placement(RunDir(spec.output.run_dir), ray.train.get_context())
-    train(spec, on_checkpoint=_report_to_ray)
+    train(spec, on_checkpoint=_report_to_ray, notices=ray_drain_notice)
 
 
 def _record_placement(run: RunDir, context) -> None:
@@ -71,6 +72,40 @@ def _report_to_ray(ckpt, record: dict) -> None:
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp), checkpoint_dir_name=f"ray_{ckpt.tag}")
 
 
+# Ray Train 2.60's controller waits this long for a drain without a deadline (DEFAULT_PREEMPTION_DEADLINE_S)
+# before it restarts the workers; past the restart time the ranks stop waiting for it and train on.
+RAY_DRAIN_WITHOUT_DEADLINE_S = 120.0
+RESTART_SLACK_S = 30.0
+
+
+def ray_drain_notice() -> DrainNotice | None:
+    """The trainer's drain notices under Ray Train (trainer.preemption.NoticeSource): `get_preemption_info`,
+    a barrier that gives every rank rank 0's answer; None until Ray's PreemptionWatcher sees a node hosting
+    ranks of this run being drained. Ray restarts the worker group at the deadline (FailureConfig
+    preemption_grace_s is 0), so the ranks wait for it until then and RESTART_SLACK_S more."""
+    import ray.train
+
+    info = ray.train.get_preemption_info()
+    if info is None:
+        return None
+    deadline = info.deadline_ms / 1000 if info.deadline_ms else None
+    restart = deadline if deadline is not None else time.time() + RAY_DRAIN_WITHOUT_DEADLINE_S
+    return DrainNotice(deadline=deadline, nodes=tuple(info.preempted_node_ids), ranks=tuple(info.preempted_ranks),
+                       hold_until=restart + RESTART_SLACK_S)
+
+
+def failure_config(t):
+    """Ray Train's FailureConfig from the trainer section. Of its preemption fields only the budget is ours
+    to choose: the drain checkpoint needs every rank (each holds its own ZeRO shards) and so must land before
+    the deadline, when the drained node goes; the survivors cannot commit one without it. Letting them run
+    past the deadline (`preemption_grace_s`) or finish Ray's barriers without the drained ranks
+    (`relax_collectives_on_preemption`) would only delay the restart, so both stay off."""
+    from ray.train import FailureConfig
+
+    return FailureConfig(max_failures=t.max_failures, max_preemption_failures=t.max_preemption_failures,
+                         preemption_grace_s=0.0, relax_collectives_on_preemption=False)
+
+
 def _pointed_checkpoint(result) -> str | None:
     if result.checkpoint is None:
         return None
@@ -91,10 +126,14 @@ class LaunchResult:
 def launch(spec: RunSpec, fresh: bool = False, ray_temp_dir: str | None = None, progress_interval_s: float = 10.0,
            announce=print) -> LaunchResult:
     from pyarrow.fs import FSSpecHandler, PyFileSystem
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.train import CheckpointConfig, RunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     started = time.time()
+    # Ray Train's PreemptionWatcher polls the cluster's draining nodes every 5 s by default: a sixth of a 30 s
+    # notice. Once a second costs one small GCS call per second (Ray Train passes the variable on to its
+    # controller).
+    os.environ.setdefault("RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S", "1")
     preflight_data(spec.sized_for(spec.cluster.max_workers))
     if spec.eval.sources:
         held_out_batches(spec, 0, spec.cluster.max_workers)  # a wrong eval path fails here, not in a worker
@@ -118,7 +157,7 @@ def launch(spec: RunSpec, fresh: bool = False, ray_temp_dir: str | None = None, 
             name=run.root.name,
             storage_path=str(run.root.parent) if remote is None else posixpath.dirname(remote.root),
             storage_filesystem=None if remote is None else PyFileSystem(FSSpecHandler(remote.fs)),
-            failure_config=FailureConfig(max_failures=spec.trainer.max_failures),
+            failure_config=failure_config(spec.trainer),
             checkpoint_config=CheckpointConfig(num_to_keep=spec.output.keep_last),
             worker_runtime_env={"env_vars": worker_env(c)},
         ),
@@ -169,9 +208,16 @@ def _fit(trainer, spec: RunSpec, run: RunDir, status: str, latest, started: floa
 
 
 def write_status(run: RunDir, state: str, started: float, message: str | None = None) -> None:
-    """What `zeroray runs` shows; written atomically so a reader never sees half a file."""
+    """What `zeroray runs` shows; written atomically so a reader never sees half a file. The `checkpoints`
+    section is the trainer's (trainer.checkpoint_notes.CheckpointNotes: latest, in progress, drains, failures): kept."""
     status = {"status": state, "started": started, "updated": time.time(), "pid": os.getpid(),
               "host": socket.gethostname(), "message": message}
+    try:
+        checkpoints = json.loads(run.status.read_text()).get("checkpoints")
+    except (OSError, ValueError, AttributeError):
+        checkpoints = None
+    if checkpoints:
+        status["checkpoints"] = checkpoints
     write_atomic(run.status, json.dumps(status) + "\n")
 
 
@@ -179,6 +225,11 @@ def explain_failure(exc: Exception, run: RunDir, checkpoints: str) -> str:
     """One paragraph per failed rank instead of Ray's nested tracebacks."""
     failures = getattr(exc, "worker_failures", None) or {}
     lines = [f"training failed {_last_step(run)}; the last good checkpoint (if any) is in {checkpoints}."]
+    info = getattr(exc, "preemption_info", None)
+    if info is not None:  # Ray Train's PreemptionError: the drain budget is spent
+        lines.append(f"  node(s) {', '.join(n[:12] for n in info.preempted_node_ids)} hosting rank(s) "
+                     f"{', '.join(map(str, info.preempted_ranks))} were drained once more than "
+                     f"trainer.max_preemption_failures allows; raise it (-1 = unlimited) and resume")
     for rank, err in sorted(failures.items()):
         root = err
         while getattr(root, "cause", None) is not None or root.__cause__ is not None:

@@ -279,3 +279,86 @@ def test_the_cluster_section_becomes_ray_trains_scaling_config(tiny_config):
     assert scaling.placement_strategy == "SPREAD" and scaling.resources_per_worker == {"CPU": 1, "slot": 1.0}
     assert scaling_config(load_spec(tiny_config).cluster).placement_strategy == "PACK"
     assert yaml.safe_load(spec.to_yaml())["cluster"]["workers"] == [1, 2], "the range survives the saved spec"
+
+
+# ---- drained nodes (Ray's preemption notice) -------------------------------------------------------
+
+
+def drain(address: str, node_id: str, deadline_s: float) -> float:
+    """Drain a node through Ray's own path (the GCS call `ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION
+    --deadline-remaining-seconds …` makes); returns when it was asked. Nothing kills the node: the cloud would."""
+    import ray
+    from ray.core.generated import autoscaler_pb2
+
+    asked = time.time()
+    accepted, why = ray._raylet.GcsClient(address=address).drain_node(
+        node_id, autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION"), "tests/test_faults.py",
+        int((asked + deadline_s) * 1000))
+    assert accepted, why
+    return asked
+
+
+def checkpoint_notes(run: Path) -> dict:
+    try:
+        return json.loads((run / "status.json").read_text()).get("checkpoints") or {}
+    except (OSError, ValueError):
+        return {}
+
+
+def noted(run: Path, kind: str) -> list[dict]:
+    return [e for e in checkpoint_notes(run).get("events", []) if e["event"] == kind]
+
+
+@pytest.mark.slow
+def test_a_drained_node_is_checkpointed_at_the_step_reached_and_the_run_moves_on(fault_config, reference, short_tmp):
+    """cluster.workers [1, 2] spread over three 1-CPU nodes, trainer.max_failures=0, every publication 3 s
+    slower than it is (debug.checkpoint_delay_s). A node hosting a rank is drained with a 10 s deadline: the
+    ranks checkpoint the step they reached, wait, and Ray Train restarts them on the two nodes left, from that
+    checkpoint: no step trained again, and no failure counted. Then one of the new nodes is drained, and while
+    that drain checkpoint is being published the other is drained with no time left (a second preemption):
+    Ray tears the workers down mid-publication, the checkpoint before stays `latest`, status.json says what
+    happened, and the run resumes from it on two fresh nodes. Every loss is the uninterrupted run's."""
+    run = fault_config.parent / "runs" / "drained"
+    with SimulatedCluster([1, 1, 1], str(short_tmp)) as sim:
+        driver = Driver(fault_config, [
+            *BASE, "output.name=drained", "trainer.checkpoint_every=8", "cluster.workers=[1, 2]",
+            "trainer.global_batch_size=8", "cluster.placement=spread", "trainer.max_failures=0",
+            "debug.step_delay_s=0.5", "debug.checkpoint_delay_s=3", f"cluster.address={sim.address}",
+        ], {"RAY_TMPDIR": str(short_tmp), "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "10",
+            "RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S": "0.5", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"},
+            short_tmp / "driver.log")
+        driver.wait_for(lambda: any(r["step"] >= 3 for r in records(run)), "step 3")
+        first, at_drain = attempts(run)[0][1], records(run)[-1]["step"]
+        drained_at = drain(sim.address, first[1], deadline_s=10)
+        driver.wait_for(lambda: noted(run, "drain_checkpoint"), "the drain checkpoint")
+        reached = noted(run, "drain_checkpoint")[0]
+        driver.wait_for(lambda: len(attempts(run)) == 2 and records(run)[-1]["time"] > attempts(run)[1][0],
+                        "a step after the restart")
+        second = attempts(run)[1][1]
+        sim.remove(first[1])  # the cloud takes the drained node at its deadline
+        driver.wait_for(lambda: records(run)[-1]["step"] >= reached["step"] + 2, "two steps more")
+        drain(sim.address, second[0], deadline_s=15)
+        driver.wait_for(lambda: (checkpoint_notes(run).get("in_progress") or {}).get("reason") == "drain",
+                        "the second drain checkpoint under way")
+        cut = checkpoint_notes(run)["in_progress"]["step"]
+        drain(sim.address, second[1], deadline_s=0)  # a second preemption, due now
+        fresh = {sim.add(1), sim.add(1)}
+        assert driver.wait() == 0, driver.output()[-3000:]
+    starts = [nodes for _, nodes in attempts(run)]
+    assert len(starts) == 3 and first[1] not in starts[1].values() and set(starts[2].values()) == fresh, starts
+    s1 = reached["step"]
+    assert [r["step"] for r in records(run)] == [*range(1, s1 + 1), *range(s1 + 1, cut + 1), *range(s1 + 1, STEPS + 1)]
+    assert_same_losses(records(run), reference, rel=1e-5)
+    interrupted = noted(run, "checkpoint_interrupted")
+    assert [(e["step"], e["reason"]) for e in interrupted] == [(cut, "drain")], interrupted
+    assert f"resuming from step_{s1:08d}" in interrupted[0]["message"]
+    status = json.loads((run / "status.json").read_text())
+    assert status["status"] == "finished" and status["checkpoints"]["latest"]["step"] == STEPS
+    log = (run / "logs" / "rank_0.log").read_text()
+    assert "drain notice after step" in log and f"drain checkpoint of step {s1} published" in log
+    restart = attempts(run)[1][0]
+    print(f"\ndrain with a 10 s deadline after step {at_drain}: checkpoint of step {s1} published "
+          f"{reached['published_at'] - drained_at:.1f} s after the drain call ({reached['published_at'] - reached['notice_at']:.1f} s "
+          f"after the notice reached the ranks), 0 steps trained again; workers restarted "
+          f"{restart - drained_at:.1f} s after the drain call, next step "
+          f"{next(r for r in records(run) if r['time'] > restart)['time'] - drained_at:.1f} s after it")

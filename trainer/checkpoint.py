@@ -18,6 +18,15 @@ After the local publish, each file is copied to the home by one rank that has it
 disk), the manifest after all of them and `latest` last, so a crash mid-upload leaves the previous
 checkpoint as `latest`. For a local run these copies are the folder itself and cost nothing. Before a
 resume one rank per node fetches the checkpoint, unless that node's copy already matches its manifest.
+
+A save has two parts (`stage`, then `publish`). Staging is DeepSpeed's own save into `.staging-step_N/`
+plus each rank's state: collectives of the training process group, so it runs on the step path. Publishing
+is everything after (listings, checksums, manifest, rename, upload, `latest`, retention): it may run in a
+background thread while training goes on (trainer.async_checkpoint), then its collectives go through a
+process group of their own, never the training group (trainer.checkpointing.Checkpointing says why). Every step of
+a publication ends in an exchange of each rank's outcome, so a failure on one rank (a full disk, an object
+store error) fails the publication on every rank at the same point instead of leaving the others waiting;
+what it left is removed and `latest` keeps naming the checkpoint before.
 """
 
 from __future__ import annotations
@@ -31,6 +40,8 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,6 +81,19 @@ class Checkpoint:
         return self.path.name
 
 
+@dataclass
+class Staged:
+    """A checkpoint written to local staging on every rank, not yet published."""
+
+    step: int
+    stage_dir: Path
+    staged_s: float  # how long staging took on this rank (the part on the step path)
+
+    @property
+    def tag(self) -> str:
+        return tag_for(self.step)
+
+
 _RANK_IN_NAME = re.compile(r"(?:zero_pp_rank_|^rank_)0*(\d+)")
 
 
@@ -84,18 +108,33 @@ def _distributed(world_size: int) -> bool:
     return world_size > 1 and dist.is_available() and dist.is_initialized()
 
 
-def _barrier(world_size: int) -> None:
+def _barrier(world_size: int, group=None) -> None:
     if _distributed(world_size):
-        dist.barrier()
+        dist.barrier(group=group)
 
 
-def _gathered(value, world_size: int) -> list:
-    """`value` of every rank, by rank (a collective when distributed)."""
+def _gathered(value, world_size: int, group=None) -> list:
+    """`value` of every rank, by rank (a collective when distributed; on `group`, default the world's)."""
     if not _distributed(world_size):
         return [value]
     values: list = [None] * world_size
-    dist.all_gather_object(values, value)
+    dist.all_gather_object(values, value, group=group)
     return values
+
+
+def _each(what: str, work: Callable[[], object], world_size: int, group=None) -> list:
+    """Run this rank's `work`, then exchange every rank's outcome (a collective on `group`): the results by
+    rank on every rank, or the same CheckpointError on every rank, naming each rank that failed. A failure on
+    one rank so never leaves the others waiting in the next collective."""
+    try:
+        outcome = (work(), None)
+    except Exception as exc:  # OSError of a full disk, the object store's own error types, …
+        outcome = (None, f"{type(exc).__name__}: {exc}")
+    outcomes = _gathered(outcome, world_size, group)
+    failed = [f"rank {r}: {error}" for r, (_, error) in enumerate(outcomes) if error is not None]
+    if failed:
+        raise CheckpointError(f"{what} failed ({'; '.join(failed)})")
+    return [result for result, _ in outcomes]
 
 
 def _checksums(folder: Path, files: list[str], rank: int, world_size: int) -> dict[str, str]:
@@ -143,6 +182,7 @@ class CheckpointStore:
         self.rank = rank
         self.world_size = world_size
         self.home = home if home is not None else LocalFolder(self.root)
+        self.last_bytes = 0  # the size of the last checkpoint this store published (all ranks' files)
         # Which ranks share a working copy: one download and one clean-up per copy. One folder every rank
         # sees counts as one host. Gathered here, where every rank constructs the store at the same point.
         self._hosts = (_gathered(socket.gethostname(), world_size) if self.home.per_node_copies
@@ -323,7 +363,23 @@ class CheckpointStore:
 
     def save(self, engine, step: int, rank_state: dict, run_files: dict[str, str], keep_last: int) -> Checkpoint:
         """Collective: every rank calls it. `rank_state` is this rank's own (data position, RNG);
-        `run_files` are small text files rank 0 adds (the spec, the trainer state)."""
+        `run_files` are small text files rank 0 adds (the spec, the trainer state). Stage, then publish,
+        before returning."""
+        return self.publish(self.stage(engine, step, rank_state, run_files), keep_last)
+
+    def free_space_error(self, needed: int) -> str | None:
+        """Why the working copy lacks room for a checkpoint of `needed` bytes (None: it has room). Local."""
+        where = next(d for d in (self.root, *self.root.parents) if d.exists())
+        free = shutil.disk_usage(where).free
+        if free >= needed:
+            return None
+        return (f"{free / 2**20:.0f} MiB free in {self.root} on {socket.gethostname()}, the last checkpoint took "
+                f"{needed / 2**20:.0f} MiB")
+
+    def stage(self, engine, step: int, rank_state: dict, run_files: dict[str, str]) -> Staged:
+        """The part of a save on the step path: DeepSpeed's state and this rank's own into local staging.
+        Collective on the training process group (DeepSpeed's save is): every rank calls it."""
+        started = time.perf_counter()
         tag = tag_for(step)
         stage_dir = self.root / (STAGING_PREFIX + tag)
         self.root.mkdir(parents=True, exist_ok=True)
@@ -334,46 +390,92 @@ class CheckpointStore:
         if self.rank == 0:
             for name, text in run_files.items():
                 (stage_dir / name).write_text(text)
-        _barrier(self.world_size)
-        manifest = self._manifest(stage_dir, step)
-        final = self.root / tag
-        if self._host_leader:  # publish in the working copy: one rename
+        return Staged(step, stage_dir, time.perf_counter() - started)
+
+    def publish(self, staged: Staged, keep_last: int, group=None,
+                before_manifest: Callable[[Staged], None] | None = None) -> Checkpoint:
+        """Publish a staged checkpoint: manifest, rename, copies to the home folder, `latest`, retention.
+        Collective on `group` (every rank calls it with its own `staged` of the same step). Raises the same
+        CheckpointError on every rank when any rank fails, after removing what the attempt left (`latest`
+        still names the checkpoint before)."""
+        try:
+            return self._publish_staged(staged, keep_last, group, before_manifest)
+        except CheckpointError:
+            self._discard(staged)
+            raise
+
+    def _publish_staged(self, staged: Staged, keep_last: int, group, before_manifest) -> Checkpoint:
+        tag, stage_dir, final, n = staged.tag, staged.stage_dir, self.root / staged.tag, self.world_size
+        _each("staging", lambda: None, n, group)  # every rank's files are written before any rank lists them
+        manifest = self._manifest(stage_dir, staged.step, group)
+
+        def local_publish() -> None:  # in the working copy: one rename
+            if self._host_leader:
+                if self.rank == 0:
+                    fsync_tree(stage_dir)
+                    (stage_dir / MANIFEST).write_text(manifest["text"])
+                shutil.rmtree(final, ignore_errors=True)  # a re-run of the same step after a crash: replace it
+                os.replace(stage_dir, final)
+
+        _each("publishing in the working copy", local_publish, n, group)
+
+        def upload() -> None:  # to the home folder: each file by its owner (for a local run, no-ops)
+            for rel in manifest["mine"]:
+                self.home.put(final / rel, f"{tag}/{rel}")
+            if before_manifest is not None:
+                before_manifest(staged)
+
+        _each("copying the files to the home folder", upload, n, group)  # all in place before the manifest
+
+        def commit() -> None:  # the manifest says the checkpoint exists, `latest` that it is the one
             if self.rank == 0:
-                fsync_tree(stage_dir)
-                (stage_dir / MANIFEST).write_text(manifest["text"])
-            shutil.rmtree(final, ignore_errors=True)  # a re-run of the same step after a crash: replace it
-            os.replace(stage_dir, final)
-        _barrier(self.world_size)
-        self._publish(final, tag, manifest)
-        if self.rank == 0:
-            self._retain(keep_last)
-        _barrier(self.world_size)
-        return Checkpoint(final, step, self.world_size)
+                self.home.write_text(f"{tag}/{MANIFEST}", manifest["text"])
+                self.home.write_text(LATEST, tag + "\n")
+            elif self._host_leader:
+                shutil.rmtree(final, ignore_errors=True)  # published; rank 0's node keeps the working copy
 
-    def _manifest(self, stage_dir: Path, step: int) -> dict:
+        _each("writing the manifest and latest", commit, n, group)
+
+        def retain() -> None:  # the checkpoint is published: a failure to delete old ones is only reported
+            if self.rank == 0:
+                try:
+                    self._retain(keep_last)
+                except Exception as exc:
+                    log.warning("removing checkpoints older than the last %d failed (%s: %s); the next checkpoint "
+                                "tries again", keep_last, type(exc).__name__, exc)
+
+        _each("retention", retain, n, group)
+        self.last_bytes = manifest["bytes"]
+        return Checkpoint(final, staged.step, self.world_size)
+
+    def _discard(self, staged: Staged) -> None:
+        """After a failed publication, on every rank (no collective): remove what it left, in the working copy
+        and the home folder, unless `latest` already names it (then it is whole)."""
+        try:
+            named = (self.home.read_text(LATEST) or "").strip() == staged.tag
+            if self._host_leader:
+                shutil.rmtree(staged.stage_dir, ignore_errors=True)
+                if not named:
+                    shutil.rmtree(self.root / staged.tag, ignore_errors=True)
+            if self.rank == 0 and not named:
+                self.home.remove(staged.tag)
+        except Exception as exc:  # what is left is never chosen (no manifest, or not `latest`)
+            log.warning("cleaning up after the failed checkpoint of step %d failed (%s: %s)", staged.step,
+                        type(exc).__name__, exc)
+
+    def _manifest(self, stage_dir: Path, step: int, group=None) -> dict:
         """Every rank's written files with their sizes and checksums (each rank hashes the files it owns);
-        returned on every rank with the rank's own share of the files to publish. Collective."""
-        seen_here = {str(f.relative_to(stage_dir)): f.stat().st_size for f in stage_dir.rglob("*") if f.is_file()}
-        listings = _gathered(seen_here, self.world_size)
-        owners = _owners(listings, self.world_size)
+        returned on every rank with the rank's own share of the files to publish. Collective on `group`."""
+        n = self.world_size
+        listings = _each("listing the staged files", lambda: {
+            str(f.relative_to(stage_dir)): f.stat().st_size for f in stage_dir.rglob("*") if f.is_file()}, n, group)
+        owners = _owners(listings, n)
         mine = [rel for rel, owner in owners.items() if owner == self.rank]
-        digests = _gathered({rel: sha256(stage_dir / rel) for rel in mine}, self.world_size)
+        digests = _each("checksums", lambda: {rel: sha256(stage_dir / rel) for rel in mine}, n, group)
         files = {rel: listings[owner][rel] for rel, owner in owners.items()}
-        text = json.dumps({"step": step, "world_size": self.world_size, "files": files,
+        text = json.dumps({"step": step, "world_size": n, "files": files,
                            "sha256": {rel: d for share in digests for rel, d in share.items()}}, indent=1)
-        return {"text": text, "mine": mine}
-
-    def _publish(self, final: Path, tag: str, manifest: dict) -> None:
-        """Copy the checkpoint to the home folder: each file by its owner, then the manifest, `latest` last.
-        For a local run the home is the working copy: the copies are no-ops and only `latest` is written."""
-        for rel in manifest["mine"]:
-            self.home.put(final / rel, f"{tag}/{rel}")
-        _barrier(self.world_size)  # every file is in place before the manifest says the checkpoint exists
-        if self.rank == 0:
-            self.home.write_text(f"{tag}/{MANIFEST}", manifest["text"])
-            self.home.write_text(LATEST, tag + "\n")
-        elif self._host_leader:
-            shutil.rmtree(final, ignore_errors=True)  # published; rank 0's node keeps the working copy
+        return {"text": text, "mine": mine, "bytes": sum(files.values())}
 
     def _retain(self, keep_last: int) -> None:
         for old in self.published()[:-keep_last]:

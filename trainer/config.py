@@ -60,7 +60,26 @@ class TrainerConfig(BaseModel):
     preemption_grace_s: float = Field(
         25.0, gt=0, description="After SIGTERM, seconds the driver waits for the workers to checkpoint at the next "
         "step boundary and stop; then it exits without that checkpoint. Keep it below the platform's notice "
-        "(Kubernetes terminationGracePeriodSeconds 30 s by default, GCP Spot 30 s, AWS Spot 120 s)."
+        "(Kubernetes terminationGracePeriodSeconds 30 s by default, GCP Spot 30 s, AWS Spot 120 s). Not Ray Train's "
+        "FailureConfig.preemption_grace_s, which zeroray keeps at 0 (docs/fault_tolerance.md)."
+    )
+    max_preemption_failures: int = Field(
+        -1, ge=-1, description="Restarts Ray Train may attempt after nodes hosting ranks are drained (a spot "
+        "reclaim or scale-down that Ray announces: `ray drain-node`, the autoscaler, KubeRay), counted apart from "
+        "trainer.max_failures; -1 = unlimited (Ray's default), 0 = the first drain ends the run. The ranks "
+        "checkpoint on the notice first (trainer.drain_checkpoint)."
+    )
+    drain_checkpoint: bool = Field(
+        True, description="When Ray Train reports that a node hosting ranks is draining, checkpoint at the next "
+        "step boundary if the last checkpoint's duration fits before the deadline, then wait for Ray Train to "
+        "restart the workers elsewhere: no step is lost. false: ignore the notice (the restart resumes from the "
+        "last periodic checkpoint)."
+    )
+    async_checkpoint: bool = Field(
+        True, description="Publish checkpoints in the background: the step loop waits only while DeepSpeed writes "
+        "the state to local staging; checksums, the upload to output.dir, the manifest, `latest` and retention "
+        "run in a thread while training goes on (one checkpoint in flight at most; the last step, a stop and a "
+        "drain wait for theirs). false: every rank waits until each checkpoint is published."
     )
 
     @model_validator(mode="after")
@@ -124,6 +143,14 @@ class DebugConfig(BaseModel):
         0.0, ge=0, description="Test only: sleep after every optimizer step, so a tiny run lasts long enough for "
         "cluster changes to happen during it."
     )
+    checkpoint_delay_s: float = Field(
+        0.0, ge=0, description="Test only: every checkpoint's publication waits this long before its manifest is "
+        "written (a slow upload), so that training, drains and failures can happen while it is in flight."
+    )
+    fail_checkpoint_at_steps: tuple[int, ...] = Field(
+        (), description="Test only: the publication of these steps' checkpoints fails on rank fail_rank with an "
+        "injected storage error (no space left on device), before its manifest."
+    )
 
     @property
     def active(self) -> bool:
@@ -134,4 +161,6 @@ class DebugConfig(BaseModel):
     def _steps_positive(self) -> DebugConfig:
         if any(s < 1 for s in self.fail_at_steps):
             raise ValueError(f"debug.fail_at_steps {list(self.fail_at_steps)}: steps count from 1")
+        if any(s < 1 for s in self.fail_checkpoint_at_steps):
+            raise ValueError(f"debug.fail_checkpoint_at_steps {list(self.fail_checkpoint_at_steps)}: steps count from 1")
         return self

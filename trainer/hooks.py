@@ -2,45 +2,25 @@
 
 A hook sees every micro-batch's output (`micro_step`) and the end of every optimizer step (`step_end`),
 with one `StepEnd` the hooks of that step share: the metrics hook leaves its record there, the stop hook
-says whether the run stops, the checkpoint hook reads both. A new monitor is a new hook in
-`default_hooks`; the loop does not change.
+what every rank agreed (stop, a publication still running, a drain notice), the checkpoint hook reads them.
+A new monitor is a new hook in `default_hooks`; the loop does not change.
 """
 
 from __future__ import annotations
 
 import json
-import logging
-import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from trainer.build import Training
-from trainer.checkpoint import Checkpoint, CheckpointStore, rng_state
+from trainer.checkpoint import CheckpointStore
+from trainer.checkpoint_notes import CheckpointNotes
+from trainer.checkpointing import Checkpointing
 from trainer.evaluation import Evaluator
+from trainer.hook_base import CheckpointCallback, StepEnd, StepHook
 from trainer.metrics import StepMetrics
-from trainer.preemption import StopAgreement
-from trainer.storage import push_rank_files
+from trainer.preemption import NOTICE_POLL_S, NoticeSource, StopAgreement
 
-log = logging.getLogger("zeroray.trainer")
-
-CheckpointCallback = Callable[[Checkpoint, dict], None]
-"""Called on every rank after a checkpoint is published, with the latest metrics record."""
-
-
-@dataclass
-class StepEnd:
-    step: int
-    last: bool
-    record: dict | None = None  # the metrics record, on logged steps
-    stop: bool = False  # every rank agreed to stop after this step's checkpoint
-
-
-class StepHook:
-    def micro_step(self, out) -> None:
-        """After each micro-batch's forward, backward and engine step."""
-
-    def step_end(self, t: Training, end: StepEnd) -> None:
-        """After each optimizer step."""
+__all__ = ["CheckpointCallback", "StepEnd", "StepHook", "default_hooks"]
 
 
 class Metrics(StepHook):
@@ -80,48 +60,32 @@ class FailureInjection(StepHook):
 
 
 class Stop(StepHook):
-    """Preemption: every rank learns, in one small all-reduce per step, whether any was asked to stop."""
+    """Preemption: every rank learns, in one small all-reduce per step, whether any was asked to stop and
+    whether any rank's checkpoint publication still runs; about once a second of the ranks' agreed clock it
+    asks the launcher for a drain notice (the same steps on every rank: the source may be a barrier)."""
 
-    def __init__(self, agreement: StopAgreement):
-        self.agreement = agreement
-
-    def step_end(self, t: Training, end: StepEnd) -> None:
-        end.stop = self.agreement.agreed()
-
-
-class Checkpointing(StepHook):
-    """Every trainer.checkpoint_every steps, after the last step and before a stop: publish a checkpoint,
-    copy this rank's log to the run's home, tell the launcher. The time it takes is left out of
-    throughput."""
-
-    def __init__(self, store: CheckpointStore, metrics: Metrics, on_checkpoint: CheckpointCallback | None):
-        self.store, self.metrics, self.on_checkpoint = store, metrics, on_checkpoint
+    def __init__(self, agreement: StopAgreement, publishing: Callable[[], bool] = lambda: False,
+                 notices: NoticeSource | None = None):
+        self.agreement, self.publishing, self.notices = agreement, publishing, notices
+        self.next_poll = 0.0
 
     def step_end(self, t: Training, end: StepEnd) -> None:
-        every = t.spec.trainer.checkpoint_every
-        if not (end.last or end.stop or (every and end.step % every == 0)):
-            return
-        saving_since = time.perf_counter()
-        published = self.store.save(
-            t.engine,
-            end.step,
-            rank_state={"data": t.data.state_dict(), "rng": rng_state()},
-            run_files={"spec.yaml": t.spec.to_yaml(), "trainer_state.json": json.dumps({"step": end.step})},
-            keep_last=t.spec.output.keep_last,
-        )
-        push_rank_files(t.run, t.spec.output.home, t.rank)
-        if self.on_checkpoint is not None:
-            self.on_checkpoint(published, self.metrics.last_record or {"step": end.step})
-        self.metrics.meter.exclude(time.perf_counter() - saving_since)
-        if t.rank == 0:
-            log.info("checkpoint at step %d", end.step)
+        agreed = self.agreement.agree(self.publishing())
+        end.stop, end.publishing = agreed.stop, agreed.publishing
+        if self.notices is not None and agreed.now >= self.next_poll:
+            self.next_poll = agreed.now + NOTICE_POLL_S
+            end.notice = self.notices()
 
 
 def default_hooks(t: Training, started: float, stop: StopAgreement, store: CheckpointStore,
-                  on_checkpoint: CheckpointCallback | None) -> list[StepHook]:
+                  on_checkpoint: CheckpointCallback | None, notices: NoticeSource | None = None) -> list[StepHook]:
     """The hooks of a training run, in the order they run after each step."""
     metrics = Metrics(t, started)
     hooks: list[StepHook] = [metrics]
     if t.spec.debug.active:
         hooks.append(FailureInjection(t.spec.debug))
-    return [*hooks, Stop(stop), Checkpointing(store, metrics, on_checkpoint)]
+    notes = CheckpointNotes(t.run, t.rank)
+    notes.check_interrupted(t.step or None)
+    checkpointing = Checkpointing(t, store, metrics, on_checkpoint, stop, notes)
+    notices = notices if t.spec.trainer.drain_checkpoint else None
+    return [*hooks, Stop(stop, checkpointing.publishing, notices), checkpointing]

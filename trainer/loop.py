@@ -17,25 +17,27 @@ from trainer import resume
 from trainer.build import Training, build_training, init_distributed, seed_everything, setup_logging
 from trainer.checkpoint import CheckpointStore
 from trainer.hooks import CheckpointCallback, StepEnd, StepHook, default_hooks
-from trainer.preemption import StopAgreement
+from trainer.preemption import NoticeSource, StopAgreement
 from trainer.spec import RunSpec
 from trainer.storage import RunDir, push_rank_files
 
 log = logging.getLogger("zeroray.trainer")
 
 
-def train(spec: RunSpec, on_checkpoint: CheckpointCallback | None = None) -> dict | None:
+def train(spec: RunSpec, on_checkpoint: CheckpointCallback | None = None,
+          notices: NoticeSource | None = None) -> dict | None:
     """Run the whole job in this process; returns the last metrics record on rank 0.
 
-    `on_checkpoint` lets a launcher tell its scheduler about each checkpoint (Ray Train's report)
-    without the loop knowing about that scheduler."""
+    `on_checkpoint` lets a launcher tell its scheduler about each checkpoint (Ray Train's report), and
+    `notices` lets it say that nodes hosting ranks are being drained (Ray Train's preemption notice),
+    without the loop knowing about that scheduler (trainer.preemption.NoticeSource)."""
     started = time.time()
     rank, world = init_distributed(spec)
     spec = spec.sized_for(world)  # cluster.workers [min, max]: the count Ray Train started, its accumulation
     run = RunDir(spec.output.run_dir)
     setup_logging(run, rank)
     try:
-        return _train(spec, run, rank, world, started, on_checkpoint)
+        return _train(spec, run, rank, world, started, on_checkpoint, notices)
     except Exception:
         log.exception("training failed on rank %d", rank)
         push_rank_files(run, spec.output.home, rank)  # the log says why; its node may be gone next
@@ -43,7 +45,7 @@ def train(spec: RunSpec, on_checkpoint: CheckpointCallback | None = None) -> dic
 
 
 def _train(spec: RunSpec, run: RunDir, rank: int, world: int, started: float,
-           on_checkpoint: CheckpointCallback | None) -> dict | None:
+           on_checkpoint: CheckpointCallback | None, notices: NoticeSource | None = None) -> dict | None:
     stop = StopAgreement(run.root, rank)
     stop.watch_signals()  # torchrun & co.; under Ray the driver forwards SIGTERM through the run directory
     store = CheckpointStore.of_run(spec.output, rank, world)
@@ -54,7 +56,7 @@ def _train(spec: RunSpec, run: RunDir, rank: int, world: int, started: float,
         resume.load(t, store, checkpoint)
     else:
         seed_everything(spec.trainer.seed + 1000 * (rank + 1))  # per-rank streams for dropout-like draws
-    hooks = default_hooks(t, started, stop, store, on_checkpoint)
+    hooks = default_hooks(t, started, stop, store, on_checkpoint, notices)
     try:
         record = run_steps(t, hooks)
         if t.stopped:
