@@ -8,13 +8,13 @@ import argparse
 import sys
 import traceback
 
-from launcher import bench_cmd, cluster_cli, cmd_data, cmd_research, cmd_run, jobs
+from launcher import bench_cmd, cluster_cli, cmd_data, cmd_model, cmd_research, cmd_run, jobs
 from trainer.errors import RunPreempted, ZerorayError
 
 EPILOG = "Run `zeroray COMMAND --help` for a command's options. Docs: docs/ in the repository."
 
 # In the order `zeroray --help` lists their commands.
-COMMAND_MODULES = (cmd_run, cmd_data, cmd_research, jobs, cluster_cli, bench_cmd)
+COMMAND_MODULES = (cmd_run, cmd_model, cmd_data, cmd_research, jobs, cluster_cli, bench_cmd)
 COMMANDS = {key: handler for module in COMMAND_MODULES for key, handler in module.COMMANDS.items()}
 
 

@@ -43,9 +43,10 @@ def add_commands(sub) -> None:
         "MoE as Qwen2MoeForCausalLM (transformers alone), the other families with remote code "
         "(AutoModel….from_pretrained(DIR, trust_remote_code=True), zeroray installed).",
     )
-    export.add_argument("run_dir", type=Path, help="run directory (e.g. runs/demo)")
+    export.add_argument("run_dir", help="run directory (runs/demo, s3://bucket/runs/demo) or a checkpoint in one")
     export.add_argument("--hf", type=Path, required=True, metavar="OUT_DIR", help="folder to write")
     export.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    export.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it holds an earlier export")
 
     runs = sub.add_parser(
         "runs", help="list runs: model, status, step, last loss",
@@ -110,7 +111,7 @@ def cmd_plot(args) -> int:
 def cmd_export(args) -> int:
     from launcher.export import export_hf
 
-    ckpt, out = export_hf(args.run_dir, args.hf, args.step)
+    ckpt, out = export_hf(args.run_dir, args.hf, args.step, overwrite=args.overwrite)
     exported = json.loads((out / "zeroray_export.json").read_text())
     print(f"exported {ckpt.path} (step {ckpt.step}) to {out} as {exported['class']}")
     if exported["remote_code"]:

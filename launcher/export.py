@@ -9,20 +9,25 @@ come out as the plain model's weights (every expert stacked again).
 from __future__ import annotations
 
 import json
+import re
+import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 import models
-from trainer.checkpoint import Checkpoint, CheckpointStore
+from data_pipelines.sources import is_url
+from trainer.checkpoint import MANIFEST, Checkpoint, CheckpointStore
 from trainer.errors import ZerorayError
 from trainer.safe_load import UnsafeCheckpointError, load_file, weights_only_loads
 from trainer.spec import RunSpec, read_spec
-from trainer.storage import RunDir
+from trainer.storage import RunDir, check_url
 
 # Loaded by `trust_remote_code=True`; they re-export the installed zeroray classes.
 REMOTE_CODE = {
@@ -32,24 +37,130 @@ REMOTE_CODE = {
 }
 
 
-def find_checkpoint(run_dir: Path, step: int | None) -> tuple[Checkpoint, RunSpec]:
-    run = RunDir(run_dir)
-    output = read_spec(run.spec).output if run.spec.is_file() else None
-    # A run on remote storage: its checkpoints are chosen there and downloaded into the working copy.
-    store = CheckpointStore.of_run(output) if output and output.remote else CheckpointStore(run.checkpoints, 0, 1)
+@dataclass(frozen=True)
+class Located:
+    """A checkpoint chosen from what the user named, with the run it belongs to."""
+
+    ckpt: Checkpoint
+    spec: RunSpec
+    run: RunDir | None
+    """The run directory (its local copy for a remote run), for the metrics; None when unknown."""
+    location: str
+    """What the user named: a run directory, a checkpoint folder or a URL."""
+
+
+def _location(target: str | Path) -> str:
+    """The run or checkpoint as a string; a URL that went through pathlib (`s3:/b/x`) gets its `//` back."""
+    text = str(target)
+    repaired = re.sub(r"^([a-z][a-z0-9+.-]*):/(?!/)", r"\1://", text)
+    return repaired if repaired != text and not Path(text).exists() else text
+
+
+def locate(target: str | Path, step: int | None = None) -> Located:
+    """A run directory (its latest checkpoint, or the one at `step`), a checkpoint folder
+    (RUN/checkpoints/step_N), or a run directory at an fsspec URL (s3://bucket/runs/NAME: its spec, metrics
+    and the chosen checkpoint are fetched into the run's local working copy, output.cache_dir). Each failure is
+    one ZerorayError line."""
+    location = _location(target)
+    if is_url(location):
+        return _locate_remote(location, step)
+    path = Path(location)
+    if not path.exists():
+        raise ZerorayError(f"{location}: no such run directory or checkpoint")
+    if (path / MANIFEST).is_file() and (path / "spec.yaml").is_file():
+        return _locate_checkpoint_folder(path, step)
+    if not (path / "spec.yaml").is_file() and not (path / "checkpoints").is_dir():
+        raise ZerorayError(f"{location} is neither a zeroray run directory nor a checkpoint (no spec.yaml, no "
+                           f"checkpoints/); `zeroray runs` lists runs")
+    ckpt, spec = find_checkpoint(path, step)
+    return Located(ckpt, spec, RunDir(path), location)
+
+
+def _locate_checkpoint_folder(path: Path, step: int | None) -> Located:
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+        files = manifest["files"]
+        ckpt = Checkpoint(path, int(manifest["step"]), int(manifest["world_size"]))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ZerorayError(f"{path}: unreadable checkpoint manifest ({type(exc).__name__}: {exc})") from None
+    short = [rel for rel, size in files.items() if not (path / rel).is_file() or (path / rel).stat().st_size != size]
+    if short:
+        raise ZerorayError(f"{path} is not a complete checkpoint: {len(short)} file(s) missing or cut short "
+                           f"(e.g. {short[0]})")
+    if step is not None and step != ckpt.step:
+        raise ZerorayError(f"{path} is the checkpoint of step {ckpt.step}, not {step}; name the run directory "
+                           f"to choose a step")
+    spec = _checkpoint_spec(ckpt)
+    run_root = path.parent.parent
+    return Located(ckpt, spec, RunDir(run_root) if (run_root / "spec.yaml").is_file() else None, str(path))
+
+
+def _locate_remote(url: str, step: int | None) -> Located:
+    from trainer.spec import parse_spec
+    from trainer.spec_parsing import read_yaml
+    from trainer.storage import RemoteFolder, pull_run_files
+
+    try:
+        check_url(url)
+        text = RemoteFolder(url.rstrip("/")).read_text("spec.yaml")
+    except ZerorayError:
+        raise
+    except Exception as exc:  # botocore, gcsfs, … each raise their own types
+        raise ZerorayError(f"{url}: cannot read the run's spec.yaml ({type(exc).__name__}: {exc})") from None
+    if text is None:
+        raise ZerorayError(f"{url} holds no zeroray run (no spec.yaml there)")
+    with tempfile.TemporaryDirectory(prefix="zeroray-spec-") as tmp:
+        (Path(tmp) / "spec.yaml").write_text(text)
+        spec = parse_spec(read_yaml(Path(tmp) / "spec.yaml"), origin=f"{url}/spec.yaml")
+    output = spec.output
+    if output.remote is None or output.remote.url.rstrip("/") != url.rstrip("/"):
+        # The run was copied here from elsewhere: read it where it is, with the spec's storage options.
+        output = output.model_copy(update={"dir": url.rstrip("/").rsplit("/", 1)[0],
+                                           "name": url.rstrip("/").rsplit("/", 1)[1]})
+    store = CheckpointStore.of_run(output)
+    ckpt = _choose(store, url, step)
+    run = RunDir(Path(output.run_dir))
+    pull_run_files(run, output.home)  # metrics.jsonl for the model card
+    return Located(ckpt, _checkpoint_spec(ckpt), run, url)
+
+
+def _choose(store: CheckpointStore, where, step: int | None) -> Checkpoint:
     published = store.published()
     if not published:
-        raise ZerorayError(f"{run_dir} holds no complete checkpoint (looked in {run.checkpoints})")
+        raise ZerorayError(f"{where} holds no complete checkpoint (looked in {store.home.url}); a run publishes "
+                           f"one every trainer.checkpoint_every steps and at its end")
     if step is None:
         ckpt = store.latest()
     else:
         matches = [c for c in published if c.step == step]
         if not matches:
-            raise ZerorayError(f"{run_dir} has no checkpoint at step {step}; it has {[c.step for c in published]}")
+            raise ZerorayError(f"{where} has no checkpoint at step {step}; it has {[c.step for c in published]}")
         ckpt = matches[0]
-    store.local_copy(ckpt)
-    spec = read_spec(ckpt.path / "spec.yaml")
-    return ckpt, spec
+    return store.local_copy(ckpt)
+
+
+def _checkpoint_spec(ckpt: Checkpoint) -> RunSpec:
+    """The spec saved in the checkpoint; an unknown model family (or any invalid spec) is one line."""
+    try:
+        return read_spec(ckpt.path / "spec.yaml")
+    except FileNotFoundError:
+        raise ZerorayError(f"checkpoint {ckpt.path} has no spec.yaml") from None
+    except ZerorayError as exc:
+        raise ZerorayError(f"checkpoint {ckpt.path}: {exc}") from None
+
+
+def find_checkpoint(run_dir: Path, step: int | None) -> tuple[Checkpoint, RunSpec]:
+    run = RunDir(Path(run_dir))
+    output = None
+    if run.spec.is_file():
+        try:
+            output = read_spec(run.spec).output
+        except ZerorayError as exc:
+            raise ZerorayError(f"run {run_dir}: {exc}") from None
+    # A run on remote storage: its checkpoints are chosen there and downloaded into the working copy.
+    store = CheckpointStore.of_run(output) if output and output.remote else CheckpointStore(run.checkpoints, 0, 1)
+    ckpt = _choose(store, run_dir, step)
+    return ckpt, _checkpoint_spec(ckpt)
 
 
 def consolidated_state_dict(ckpt: Checkpoint, spec: RunSpec) -> dict[str, torch.Tensor]:
@@ -138,34 +249,120 @@ def _zero0_tensors(ckpt: Checkpoint) -> dict[str, torch.Tensor]:
     return whole
 
 
-def export_hf(run_dir: Path, out_dir: Path, step: int | None = None) -> tuple[Checkpoint, Path]:
+def load_module(target: str | Path, step: int | None = None) -> tuple[torch.nn.Module, Located]:
+    """zeroray's own module with a checkpoint's weights (fp32, eval mode), from a run directory, a checkpoint
+    folder or a run URL: what `zeroray sample` and `zeroray eval` run, with no export step."""
+    found = locate(target, step)
+    module = models.build(found.spec.model)
+    _load_into(module, consolidated_state_dict(found.ckpt, found.spec), found.ckpt, found.spec)
+    return module.float().eval(), found
+
+
+def _load_into(module: torch.nn.Module, state: dict[str, torch.Tensor], ckpt: Checkpoint | None, spec: RunSpec) -> None:
+    result = module.load_state_dict(state, strict=False)
+    tied = set(getattr(module, "tied_parameters", dict)())
+    if result.unexpected_keys or set(result.missing_keys) - tied:
+        where = f"checkpoint {ckpt.path}" if ckpt is not None else "the weights"
+        raise ZerorayError(
+            f"{where} does not fit model {spec.model.name}: missing {result.missing_keys}, "
+            f"unexpected {result.unexpected_keys}"
+        )
+
+
+def export_hf(run_dir: str | Path, out_dir: Path, step: int | None = None,
+              overwrite: bool = False) -> tuple[Checkpoint, Path]:
     """A checkpoint as a folder `transformers` loads: its own class where one computes the same function
-    (models.hf_native: no remote code, no zeroray needed), else zeroray's wrapper with remote code."""
+    (models.hf_native: no remote code, no zeroray needed), else zeroray's wrapper with remote code.
+    `run_dir`: a run directory, a checkpoint folder or a run URL (s3://…). An existing `out_dir` that is not
+    empty is refused unless `overwrite` (and then only a folder an earlier export wrote)."""
+    out_dir = Path(out_dir)
+    _check_target(out_dir, overwrite)  # before the (slow) consolidation
+    found = locate(run_dir, step)
+    state = consolidated_state_dict(found.ckpt, found.spec)
+    write_export(found.spec, state, out_dir, found=found, overwrite=overwrite)
+    return found.ckpt, out_dir
+
+
+def _check_target(out_dir: Path, overwrite: bool) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ZerorayError(f"{out_dir} exists and is not a folder")
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        if not overwrite:
+            raise ZerorayError(f"{out_dir} already exists and is not empty; pass --overwrite to replace it, or "
+                               f"choose another folder")
+        if not (out_dir / "zeroray_export.json").is_file():
+            raise ZerorayError(f"{out_dir} is not an earlier zeroray export (no zeroray_export.json): not replacing "
+                               f"it; choose another folder")
+
+
+def special_ids(spec: RunSpec) -> dict[str, int]:
+    """The end-of-text, padding and decoder-start ids of the run's tokenizer and objective
+    (data_pipelines.objectives: the objective's pad is the tokenizer's vocabulary size)."""
+    from data_pipelines.tokenizer import load_tokenizer
+
+    try:
+        tokenizer = load_tokenizer(spec.data.tokenizer)
+    except FileNotFoundError as exc:
+        raise ZerorayError(f"the run's tokenizer is not on this machine: {exc}") from None
+    kind = spec.data.objective.kind
+    ids = {"eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.eos_id if kind == "causal" else tokenizer.vocab_size}
+    if kind == "span_corruption":
+        ids["decoder_start_token_id"] = tokenizer.vocab_size  # T5: the decoder starts from pad
+    return ids
+
+
+def write_export(spec: RunSpec, state: dict[str, torch.Tensor], out_dir: Path, found: Located | None = None,
+                 overwrite: bool = False) -> dict:
+    """Weights (safetensors), config, tokenizer, remote code where needed, zeroray_export.json and the model
+    card README.md, written into a fresh sibling folder and moved into place at the end (an export cut short
+    leaves no half folder). `found`: the checkpoint and run the weights come from (None: e.g. a model built
+    from a config, step 0)."""
     from models.hf_native import build_native, native_class_name
 
-    ckpt, spec = find_checkpoint(run_dir, step)
-    state = consolidated_state_dict(ckpt, spec)
+    out_dir = Path(out_dir)
+    _check_target(out_dir, overwrite)
+    t0 = time.perf_counter()
+    step = found.ckpt.step if found else 0
     native = native_class_name(spec.model)
-    hf_model = build_native(spec.model, state) if native else _remote_code_model(ckpt, spec, state)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    hf_model.save_pretrained(out_dir)  # safetensors
-    if not native:
-        for name, text in REMOTE_CODE.items():
-            (out_dir / name).write_text(text)
-    if spec.data.tokenizer != "bytes":
-        from transformers import PreTrainedTokenizerFast
+    ids = special_ids(spec)
+    hf_model = build_native(spec.model, state) if native else _remote_code_model(spec, state, step, ids)
+    if native:
+        for key, value in ids.items():
+            setattr(hf_model.config, key, value)
+            setattr(hf_model.generation_config, key, value)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    try:
+        hf_model.save_pretrained(staging)  # safetensors
+        if not native:
+            for name, text in REMOTE_CODE.items():
+                (staging / name).write_text(text)
+        if spec.data.tokenizer != "bytes":
+            from transformers import PreTrainedTokenizerFast
 
-        from data_pipelines.tokenizer import EOS_TOKEN
+            from data_pipelines.tokenizer import EOS_TOKEN
 
-        PreTrainedTokenizerFast(tokenizer_file=spec.data.tokenizer, eos_token=EOS_TOKEN).save_pretrained(out_dir)
-    (out_dir / "zeroray_export.json").write_text(
-        json.dumps({"run_dir": str(run_dir), "checkpoint": str(ckpt.path), "step": ckpt.step,
-                    "class": native or type(hf_model).__name__, "remote_code": not native}, indent=2) + "\n"
-    )
-    return ckpt, out_dir
+            PreTrainedTokenizerFast(tokenizer_file=spec.data.tokenizer, eos_token=EOS_TOKEN,
+                                    pad_token=EOS_TOKEN if spec.data.objective.kind == "causal" else None,
+                                    ).save_pretrained(staging)
+        info = {"run_dir": str(found.run.root) if found and found.run else None,
+                "source": found.location if found else None,
+                "checkpoint": str(found.ckpt.path) if found else None, "step": step,
+                "class": native or type(hf_model).__name__, "remote_code": not native}
+        (staging / "zeroray_export.json").write_text(json.dumps(info, indent=2) + "\n")
+        module = hf_model.model if not native else None
+        (staging / "README.md").write_text(model_card(spec, found, info, module, staging))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)  # empty, or an earlier export (_check_target)
+        staging.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    info["export_s"] = time.perf_counter() - t0
+    return info
 
 
-def _remote_code_model(ckpt: Checkpoint, spec: RunSpec, state: dict[str, torch.Tensor]):
+def _remote_code_model(spec: RunSpec, state: dict[str, torch.Tensor], step: int, ids: dict[str, int]):
     from models.hf import ZerorayConfig, wrapper_for
 
     wrapper, auto = wrapper_for(spec.model.name)
@@ -177,14 +374,94 @@ def _remote_code_model(ckpt: Checkpoint, spec: RunSpec, state: dict[str, torch.T
             auto.__name__: f"modeling_zeroray.{wrapper.__name__}",
         },
         architectures=[wrapper.__name__],
-        zeroray_step=ckpt.step,
+        zeroray_step=step,
+        **ids,
     )
     hf_model = wrapper(config)
-    result = hf_model.model.load_state_dict(state, strict=False)
-    tied = set(getattr(hf_model.model, "tied_parameters", dict)())
-    if result.unexpected_keys or set(result.missing_keys) - tied:
-        raise ZerorayError(
-            f"checkpoint {ckpt.path} does not fit model {spec.model.name}: missing {result.missing_keys}, "
-            f"unexpected {result.unexpected_keys}"
-        )
+    _load_into(hf_model.model, state, None, spec)
     return hf_model
+
+
+# ---- the model card ---------------------------------------------------------------------------
+
+
+def _at_checkpoint(records: list[dict], key: str, step: int) -> dict | None:
+    """The last record with `key` at or before the checkpoint's step."""
+    found = [r for r in records if isinstance(r.get(key), int | float) and r.get("step", 0) <= step]
+    return found[-1] if found else None
+
+
+def _figure(x: float | None, digits: int = 4) -> str:
+    return "–" if x is None else f"{x:.{digits}f}"
+
+
+def _millions(n: int) -> str:
+    return f"{n / 1e6:.2f}M ({n:,})"
+
+
+def model_card(spec: RunSpec, found: Located | None, info: dict, module: torch.nn.Module | None,
+               folder: Path) -> str:
+    """README.md of an export: architecture, parameters, tokens seen, the losses at the checkpoint (from the
+    run's metrics.jsonl), how to load it, and the resolved spec."""
+    from launcher.runs import read_metrics
+
+    if module is None:
+        with torch.device("meta"):  # counting only
+            module = models.build(spec.model)
+    m, step = spec.model, info["step"]
+    records = read_metrics(found.run) if found and found.run else []
+    train, held_out = _at_checkpoint(records, "loss", step), _at_checkpoint(records, "eval/loss", step)
+    tokens = (train or {}).get("tokens") if train and train.get("step") == step else None
+    tokens = tokens if isinstance(tokens, int | float) else step * spec.tokens_per_step
+    name = spec.output.name or (found.run.root.name if found and found.run else m.name)
+    params, active = module.num_parameters(), module.num_active_parameters()
+    dump = m.model_dump(mode="json")
+    shape = ", ".join(f"{k}={v}" for k, v in dump.items() if k != "name" and v is not None and not isinstance(v, dict))
+    if isinstance(dump.get("moe"), dict):
+        shape += "; moe: " + ", ".join(f"{k}={v}" for k, v in dump["moe"].items() if v is not None)
+    objective = spec.data.objective.kind
+    if info["remote_code"]:
+        auto = {"causal": "AutoModelForCausalLM", "mlm": "AutoModelForMaskedLM",
+                "span_corruption": "AutoModelForSeq2SeqLM"}[objective]
+        load = (f"from transformers import {auto}\n"
+                f"model = {auto}.from_pretrained(\"PATH\", trust_remote_code=True)  # zeroray installed")
+        generation = ("`generate()` (greedy, sampling, beam search) decodes **without a KV cache**: zeroray's "
+                      "modules keep none, so each new token runs the whole prefix again (exact, slower for long "
+                      "outputs)." if objective != "mlm" else "A masked language model: no `generate()`.")
+    else:
+        load = ("from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+                "model = AutoModelForCausalLM.from_pretrained(\"PATH\")  # transformers alone\n"
+                "tokenizer = AutoTokenizer.from_pretrained(\"PATH\")")
+        generation = f"`{info['class']}` is transformers' own class: `generate()` uses its KV cache."
+    tokenizer = ("UTF-8 bytes: ids 0–255 are the bytes, 256 ends a document; the objective's pad, mask and "
+                 "sentinels follow (257, 258, 259…)" if spec.data.tokenizer == "bytes"
+                 else f"byte-level BPE (`tokenizer.json`, {Path(spec.data.tokenizer).name} of the run)")
+    rows = [
+        ("model family", f"`{m.name}`: {models.entry(m.name).summary}"),
+        ("shape", shape),
+        ("class", f"`{info['class']}`" + (" (remote code: `trust_remote_code=True`)" if info["remote_code"] else
+                                          " (native transformers class)")),
+        ("parameters", _millions(params) + (f"; active per token {_millions(active)}" if active != params else "")),
+        ("objective", objective),
+        ("tokens seen", f"{int(tokens):,} ({step} steps × {spec.tokens_per_step:,} tokens/step)"),
+        ("checkpoint", f"step {step} of {spec.trainer.max_steps}" + (f" (`{info['checkpoint']}`)" if found else
+                                                                     " (not trained: weights as initialised)")),
+        ("train loss", f"{_figure((train or {}).get('loss'))} (step {train['step']})" if train else "–"),
+        ("eval loss", f"{_figure(held_out['eval/loss'])} (step {held_out['step']}; perplexity "
+                      f"{_figure(held_out.get('eval/perplexity'), 2)}"
+                      + (f", bits per byte {_figure(held_out['eval/bits_per_byte'])}"
+                         if isinstance(held_out.get("eval/bits_per_byte"), int | float) else "") + ")"
+         if held_out else "–"),
+        ("tokenizer", tokenizer),
+        ("precision of the weights", "fp32 (consolidated from the DeepSpeed checkpoint)"),
+    ]
+    files = sorted(p.name for p in folder.iterdir())
+    lines = [
+        "---", "library_name: transformers", f"tags: [zeroray, {m.name}, {objective}]", "---", "",
+        f"# {name}: {m.name}, exported by zeroray", "",
+        "| | |", "|---|---|", *[f"| {k} | {v} |" for k, v in rows], "",
+        "## Load", "", "```python", load, "```", "", generation, "",
+        f"Files: {', '.join(files + ['README.md'])}.", "",
+        "## Resolved run spec", "", "```yaml", spec.to_yaml().rstrip(), "```", "",
+    ]
+    return "\n".join(lines)

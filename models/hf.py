@@ -6,24 +6,40 @@ causal → AutoModelForCausalLM, mlm → AutoModelForMaskedLM, span_corruption �
 AutoModelForSeq2SeqLM; AutoModel gives the same wrapper. Importing this module registers the
 classes with the Auto factories; an exported folder also names them in `auto_map` for
 `trust_remote_code=True` loading.
+
+The causal and seq2seq wrappers are `GenerationMixin` models: `generate()` decodes greedily, by
+sampling or by beam search. They decode **without a KV cache**: zeroray's attention keeps none, so
+every step runs the whole prefix again (`prepare_inputs_for_generation` passes all of input_ids;
+no `Cache` is ever built, whatever `use_cache` says). Exact, and O(length²) per sequence: the native
+exports (models/hf_native.py: LlamaForCausalLM, Qwen2MoeForCausalLM) have transformers' own cache.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+from torch import nn
 from transformers import (
     AutoConfig,
     AutoModel,
     AutoModelForCausalLM,
     AutoModelForMaskedLM,
     AutoModelForSeq2SeqLM,
+    GenerationMixin,
     PretrainedConfig,
     PreTrainedModel,
 )
-from transformers.modeling_outputs import CausalLMOutput
+from transformers.modeling_outputs import CausalLMOutputWithPast, Seq2SeqLMOutput
+from transformers.utils import ModelOutput
 
 import models
 from models.output import IGNORE_INDEX
+
+
+def objective_of(model_name: str) -> str:
+    """The objective a family trains on first: causal, mlm or span_corruption."""
+    return models.entry(model_name).config_cls.objectives[0]
 
 
 class ZerorayConfig(PretrainedConfig):
@@ -33,6 +49,9 @@ class ZerorayConfig(PretrainedConfig):
         self.zeroray_model = dict(zeroray_model or {})
         if "vocab_size" in self.zeroray_model:
             kwargs.setdefault("vocab_size", self.zeroray_model["vocab_size"])
+        if "name" in self.zeroray_model:  # an encoder–decoder family generates through its encoder's output
+            kwargs.setdefault("is_encoder_decoder", objective_of(self.zeroray_model["name"]) == "span_corruption")
+        kwargs.setdefault("use_cache", False)  # zeroray's modules keep no KV cache
         super().__init__(**kwargs)
 
 
@@ -51,6 +70,11 @@ class ZerorayPreTrainedModel(PreTrainedModel):
         # transformers ties (and de-duplicates on save) exactly what the module shares.
         self._tied_weights_keys = {f"model.{target}": f"model.{source}" for target, source in tied.items()}
         config.tie_word_embeddings = bool(tied)
+        if self.can_generate():  # the special ids export writes into the config (launcher/export.py)
+            for key in ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id"):
+                if getattr(config, key, None) is not None:
+                    setattr(self.generation_config, key, getattr(config, key))
+            self.generation_config.use_cache = False
         self.post_init()
 
     def _init_weights(self, module) -> None:
@@ -63,23 +87,100 @@ class ZerorayPreTrainedModel(PreTrainedModel):
         return self.model(**batch)
 
 
+class _NoCache:
+    """Generation for zeroray's modules: never a `Cache`, the whole prefix every step."""
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # generate() then builds no DynamicCache, even when asked for use_cache=True
+
+
 class ZerorayForMaskedLM(ZerorayPreTrainedModel):
     """Labels as zeroray's mlm objective: the original token at masked positions, −100 elsewhere."""
 
 
-class ZerorayForSeq2SeqLM(ZerorayPreTrainedModel):
-    """input_ids / attention_mask for the encoder, decoder_input_ids and labels for the decoder."""
+@dataclass
+class ZerorayEncoderOutput(ModelOutput):
+    """The encoder's output and its mask: Charformer's GBST shortens the sequence (⌈L/d_s⌉ positions),
+    so the mask the decoder's cross-attention needs is not the input's attention_mask."""
+
+    last_hidden_state: torch.Tensor | None = None
+    memory_mask: torch.Tensor | None = None
 
 
-class ZerorayForCausalLM(ZerorayPreTrainedModel):
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, **kwargs) -> CausalLMOutput:
-        """Labels follow `transformers`' convention: the same as input_ids, shifted inside."""
-        out = self.model(input_ids)
+class _Encoder(nn.Module):
+    """What `get_encoder()` returns for generate(): made on each call, so its reference to the module
+    never registers a second copy of the weights in the wrapper's state dict."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
+        memory, mask = self.model.encode(input_ids, attention_mask)
+        return ZerorayEncoderOutput(last_hidden_state=memory, memory_mask=mask)
+
+
+class ZerorayForSeq2SeqLM(_NoCache, ZerorayPreTrainedModel, GenerationMixin):
+    """input_ids / attention_mask for the encoder, decoder_input_ids and labels for the decoder (labels
+    alone: decoder_input_ids are labels shifted right from decoder_start_token_id, as in T5).
+    `generate(input_ids)` encodes once and decodes from decoder_start_token_id (Charformer: bytes in,
+    bytes out)."""
+
+    def get_encoder(self, modality: str | None = None):
+        return _Encoder(self.model)
+
+    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                decoder_input_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                encoder_outputs: ZerorayEncoderOutput | None = None, **kwargs) -> Seq2SeqLMOutput:
+        if decoder_input_ids is None:
+            if labels is None:
+                raise ValueError("give decoder_input_ids or labels (the decoder's input is needed)")
+            decoder_input_ids = self._shift_right(labels)
+        if encoder_outputs is None:  # the training forward itself
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids,
+                             labels=labels)
+            return Seq2SeqLMOutput(loss=out.loss, logits=out.logits)
+        logits = self.model.decode(decoder_input_ids, encoder_outputs.last_hidden_state, encoder_outputs.memory_mask)
+        return Seq2SeqLMOutput(loss=self.model.loss(logits, labels), logits=logits,
+                               encoder_last_hidden_state=encoder_outputs.last_hidden_state)
+
+    def _shift_right(self, labels: torch.Tensor) -> torch.Tensor:
+        start = self.config.decoder_start_token_id
+        if start is None:
+            raise ValueError("config.decoder_start_token_id is not set: pass decoder_input_ids")
+        shifted = torch.cat([torch.full_like(labels[:, :1], start), labels[:, :-1]], dim=1)
+        return shifted.masked_fill(shifted == IGNORE_INDEX, self.config.pad_token_id if self.config.pad_token_id
+                                   is not None else start)
+
+    def prepare_inputs_for_generation(self, input_ids: torch.Tensor, encoder_outputs=None, attention_mask=None,
+                                      **kwargs) -> dict:
+        return {"decoder_input_ids": input_ids, "encoder_outputs": encoder_outputs, "attention_mask": attention_mask}
+
+
+class ZerorayForCausalLM(_NoCache, ZerorayPreTrainedModel, GenerationMixin):
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, **kwargs) -> CausalLMOutputWithPast:
+        """Labels follow `transformers`' convention: the same as input_ids, shifted inside.
+
+        attention_mask (1 = token, 0 = padding) is honoured for left padding by the families that mask
+        attention by document (llama, hc_llm): padding and text become two segments, and rotary scores
+        depend only on distances, so each row scores as it would alone. Others refuse padding."""
+        if attention_mask is not None and not bool(attention_mask.all()):
+            if not self.model.config.supports_segment_ids:
+                raise ValueError(f"model {self.model.config.name} cannot mask padding; generate one unpadded "
+                                 f"prompt at a time (or prompts of one length)")
+            out = self.model(input_ids, segment_ids=attention_mask.long())
+        else:
+            out = self.model(input_ids)
         loss = None
         if labels is not None:
             logits = out.logits[:, :-1].float()
             loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
-        return CausalLMOutput(loss=loss, logits=out.logits)
+        return CausalLMOutputWithPast(loss=loss, logits=out.logits)
+
+    def prepare_inputs_for_generation(self, input_ids: torch.Tensor, attention_mask=None, **kwargs) -> dict:
+        return {"input_ids": input_ids, "attention_mask": attention_mask}  # the whole prefix: no cache
 
 
 WRAPPERS = {"causal": (ZerorayForCausalLM, AutoModelForCausalLM),
@@ -89,7 +190,7 @@ WRAPPERS = {"causal": (ZerorayForCausalLM, AutoModelForCausalLM),
 
 def wrapper_for(model_name: str) -> tuple[type[ZerorayPreTrainedModel], type]:
     """The wrapper class and the Auto factory for a model family (by its first objective)."""
-    return WRAPPERS[models.entry(model_name).config_cls.objectives[0]]
+    return WRAPPERS[objective_of(model_name)]
 
 
 AutoConfig.register("zeroray", ZerorayConfig)

@@ -23,6 +23,7 @@ import torch
 from transformers import AutoModelForCausalLM
 folder, ids_file, out_file = sys.argv[1:]
 model = AutoModelForCausalLM.from_pretrained(folder).eval()
+model.generation_config.eos_token_id = None  # 20 tokens whatever they are (exports name the end-of-text id)
 ids = torch.load(ids_file)
 with torch.no_grad():
     logits = model(ids).logits
@@ -69,6 +70,8 @@ def check_export(run_dir: Path, out_dir: Path, last_loss: float, exported: bool 
     ckpt, spec = find_checkpoint(run_dir, None)
     if not exported:
         export_hf(run_dir, out_dir)
+    card = (out_dir / "README.md").read_text()  # the model card names the checkpoint and the run's losses
+    assert f"step {ckpt.step} of {spec.trainer.max_steps}" in card and "| train loss | –" not in card, card
     if not json.loads((out_dir / "zeroray_export.json").read_text())["remote_code"]:
         reference = models.build(spec.model).eval()
         reference.load_state_dict(consolidated_state_dict(ckpt, spec), strict=False)
@@ -92,7 +95,8 @@ def check_export(run_dir: Path, out_dir: Path, last_loss: float, exported: bool 
         torch.manual_seed(0)  # models that sample in their forward (ELECTRA's generator) draw alike
         ours = reference(**batch)
         torch.manual_seed(0)
-        if spec.data.objective.kind == "causal":  # transformers' convention: labels = inputs, shifted inside
+        objective = spec.data.objective.kind
+        if objective == "causal":  # transformers' convention: labels = inputs, shifted inside
             hf_out = hf(batch["input_ids"], labels=batch["input_ids"])
             loss = hf_out.loss.item()
         else:  # zeroray's own batch; its loss includes the auxiliary terms the metrics list apart
@@ -103,6 +107,42 @@ def check_export(run_dir: Path, out_dir: Path, last_loss: float, exported: bool 
     assert abs(loss - last_loss) < max(0.75, 0.15 * last_loss), (loss, last_loss)  # RTD: 50 × BCE
     if ours.logits.dim() == 3:  # token predictions (RTD's per-position logits have no vocabulary)
         assert loss < math.log(spec.model.vocab_size)
+    if objective in ("causal", "span_corruption"):  # generate() decodes as zeroray's module does, greedily
+        hf.generation_config.eos_token_id = None  # 8 tokens, whatever they are
+        with torch.no_grad():
+            if objective == "causal":
+                prompt = batch["input_ids"][:2, :8]
+                got = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8, do_sample=False)
+                ids = prompt
+                for _ in range(8):
+                    ids = torch.cat([ids, reference(ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+            else:
+                prompt, mask = batch["input_ids"][:2], batch["attention_mask"][:2]
+                got = hf.generate(prompt, attention_mask=mask, max_new_tokens=8, do_sample=False)
+                memory, memory_mask = reference.encode(prompt, mask)
+                ids = batch["decoder_input_ids"][:2, :1]
+                for _ in range(8):
+                    ids = torch.cat([ids, reference.decode(ids, memory, memory_mask)[:, -1].argmax(-1, keepdim=True)], 1)
+        assert torch.equal(got, ids), (got, ids)
     if spec.data.tokenizer != "bytes":
         tok = AutoTokenizer.from_pretrained(out_dir)
         assert tok.decode(tok("def main():")["input_ids"]) == "def main():"
+
+
+def fake_run(run_dir: Path, spec, module: torch.nn.Module, step: int = 12, records: list[dict] = ()) -> Path:
+    """A finished run directory as ZeRO stage 0 leaves it (spec.trainer.zero_stage must be 0), holding
+    `module`'s weights at `step`, published like trainer.checkpoint does (manifest, `latest`), with metrics
+    `records`: what export, sample and eval read, without training."""
+    from trainer.checkpoint import LATEST, MANIFEST, tag_for
+
+    assert spec.trainer.zero_stage == 0 and spec.trainer.expert_parallel == 1
+    ckpt = run_dir / "checkpoints" / tag_for(step)
+    ckpt.mkdir(parents=True)
+    torch.save({"module": module.state_dict()}, ckpt / "mp_rank_00_model_states.pt")
+    (ckpt / "spec.yaml").write_text(spec.to_yaml())
+    files = {f.name: f.stat().st_size for f in ckpt.iterdir()}
+    (ckpt / MANIFEST).write_text(json.dumps({"step": step, "world_size": 1, "files": files}))
+    (run_dir / "checkpoints" / LATEST).write_text(tag_for(step) + "\n")
+    (run_dir / "spec.yaml").write_text(spec.to_yaml())
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return run_dir

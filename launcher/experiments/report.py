@@ -50,6 +50,8 @@ def run_metrics(run: PlannedRun) -> dict:
         **model_size(spec),
         "tokens_per_s": statistics.median(speeds) if speeds else None,
         "eval_loss": evals[-1]["eval/loss"] if evals else None,
+        # bits per byte: comparable across tokenizers (byte-level Charformer against BPE models)
+        "eval_bits_per_byte": evals[-1].get("eval/bits_per_byte") if evals else None,
         "eval_step": evals[-1]["step"] if evals else None,
         "train_loss": train[-1]["loss"] if train else None,
         "curve_metric": key,
@@ -195,12 +197,14 @@ def markdown(results: dict) -> str:
         for x in results["expectations"]:
             check = f"{METRIC_TITLES[x['metric']]}: {x['arm']} {x['relation'].replace('_', ' ')} than {x['than']}"
             lines.append(f"| {x['claim']} | {check} | {x['verdict']} |")
-    lines += ["", "| run | status | steps | wall (s) | eval loss | train loss | tokens/s |", "|---|---|---|---|---|---|---|"]
+    lines += ["", "| run | status | steps | wall (s) | eval loss | eval bits/byte | train loss | tokens/s |",
+              "|---|---|---|---|---|---|---|---|"]
     for name, a in arms.items():
         for r in a["runs"]:
             wall = f"{r['wall_s']:.0f}" if r["wall_s"] is not None else "–"
             lines.append(f"| {name} seed {r['seed']} | {r['status']} | {r['step']} | {wall} | "
-                         f"{_fmt('eval_loss', r['eval_loss'])} | {_fmt('train_loss', r['train_loss'])} | "
+                         f"{_fmt('eval_loss', r['eval_loss'])} | {_fmt('eval_loss', r.get('eval_bits_per_byte'))} | "
+                         f"{_fmt('train_loss', r['train_loss'])} | "
                          f"{_fmt('tokens_per_s', r['tokens_per_s'])} |")
     lines += ["", "![eval loss against tokens](eval_loss.png)", ""]
     return "\n".join(lines)

@@ -32,7 +32,8 @@ SCALES = tuple(PLATFORMS)
 
 Metric = Literal["params", "active_params", "flops_per_token", "tokens_per_s", "eval_loss", "train_loss"]
 METRIC_TITLES = {"params": "params", "active_params": "active params", "flops_per_token": "FLOPs/token",
-                 "tokens_per_s": "tokens/s", "eval_loss": "eval loss", "train_loss": "train loss"}
+                 "tokens_per_s": "tokens/s", "eval_loss": "eval loss", "eval_bits_per_byte": "eval bits/byte",
+                 "train_loss": "train loss"}
 
 def configs_dir() -> Path:
     """The folder of run specs the experiments name (`configs/`): $ZERORAY_CONFIGS, else ./configs of the
