@@ -1,15 +1,18 @@
-"""Where hyper-connections spend their time: Pre-Norm residual vs SHC×4 vs DHC×4 at the tiny shapes.
+"""Where hyper-connections spend their time: Pre-Norm residual vs SHC×4, DHC×4 and mHC×4 at the tiny shapes.
 
 Two parts, one process, one CPU thread:
-1. step-time ratios: the three arms (shapes of configs/demo.yaml and configs/hc_llm_tiny.yaml,
+1. step-time ratios: the four arms (shapes of configs/demo.yaml and configs/hc_llm_tiny.yaml,
    bf16 weights + AdamW as in bench/model_throughput.py) run alternately, round by round, so load from
    other processes on the machine hits them alike; the ratios to the residual arm are what to compare.
 2. torch.profiler of one forward + backward per arm: the top ops by self CPU time.
 
 `--precision bf16` is what the trainer runs (DeepSpeed bf16: bf16 weights); `autocast` keeps fp32
-weights under `torch.autocast(bfloat16)`.
+weights under `torch.autocast(bfloat16)`; `fp32` is fp32 throughout, for CPUs without bf16 matmul
+instructions (AVX2 only: there bf16 matmuls run ~50× slower than fp32 ones and hide the mixing).
+`--arms` picks some of the arms (the residual one is always run: the ratios are to it).
 
-    .venv/bin/python bench/hc_profile.py [--rounds 5] [--steps 2] [--top 15] [--precision bf16|autocast]
+    .venv/bin/python bench/hc_profile.py [--rounds 5] [--steps 2] [--top 15] [--precision bf16|autocast|fp32]
+                                         [--arms mHC×4,DHC×4]
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ ARMS = {
     "residual": ("demo.yaml", []),
     "SHC×4": ("hc_llm_tiny.yaml", ["model.dynamic=false"]),
     "DHC×4": ("hc_llm_tiny.yaml", []),
+    "mHC×4": ("hc_llm_mhc_tiny.yaml", []),
 }
 
 
@@ -37,7 +41,7 @@ def precision_context(precision: str):
 
 def make_arm(config: str, overrides: list[str], precision: str):
     model, opt, batch, _ = build(config, overrides)
-    if precision == "autocast":  # fp32 master weights; the autocast context casts the matmuls
+    if precision in ("autocast", "fp32"):  # fp32 weights (autocast: its context casts the matmuls)
         model.float()
         opt = torch.optim.AdamW(model.param_groups(0.1), lr=1e-4, foreach=True)
     return model, opt, batch
@@ -64,10 +68,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=2, help="training steps per arm and round")
     parser.add_argument("--top", type=int, default=15, help="ops listed per arm (0 = no profile)")
-    parser.add_argument("--precision", choices=["bf16", "autocast"], default="bf16")
+    parser.add_argument("--precision", choices=["bf16", "autocast", "fp32"], default="bf16")
+    parser.add_argument("--arms", default=",".join(ARMS), help="comma-separated, of: " + ", ".join(ARMS))
     args = parser.parse_args()
     torch.set_num_threads(1)
-    arms = {name: make_arm(*cfg, args.precision) for name, cfg in ARMS.items()}
+    chosen = ["residual", *(a for a in args.arms.split(",") if a != "residual")]
+    unknown = sorted(set(chosen) - set(ARMS))
+    if unknown:
+        parser.error(f"unknown arm(s) {unknown}; known: {', '.join(ARMS)}")
+    arms = {name: make_arm(*ARMS[name], args.precision) for name in chosen}
     with precision_context(args.precision):
         for model, opt, batch in arms.values():
             step(model, opt, batch)  # warm-up: allocations, kernel choice, compilation

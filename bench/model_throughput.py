@@ -5,7 +5,7 @@ torch AdamW on random tokens of the config's shape and objective, on THREADS CPU
 are interleaved round by round so drift hits them alike. Reports per arm: step time, tokens/s,
 achieved FLOP/s (from `flops_per_token`; MFU is the bench's division by the measured peak) and the
 peak resident-memory growth while the arm is built and trains its first step (weights, gradients,
-Adam state, activations; `peak_rss`). The step-time ratios DHC×4 ÷ residual and MoE top-2-of-8 ÷
+Adam state, activations; `peak_rss`). The step-time ratios DHC×4 (mHC×4) ÷ residual and MoE top-2-of-8 ÷
 dense with the same active parameters come from these rows.
 
     python bench/model_throughput.py all|ARM[,ARM…] ROUNDS STEPS THREADS     # prints one JSON line
@@ -31,6 +31,7 @@ ARMS = {  # id: (label, config, overrides)
     "llama": ("llama (residual, dense)", "demo.yaml", []),
     "hc_dhc4": ("hc_llm DHC×4 (dense)", "hc_llm_tiny.yaml", []),
     "hc_shc4": ("hc_llm SHC×4 (dense)", "hc_llm_tiny.yaml", ["model.dynamic=false"]),
+    "hc_mhc4": ("hc_llm mHC×4 (dense)", "hc_llm_mhc_tiny.yaml", []),
     "llama_moe": ("llama MoE top-2/8", "demo.yaml", [MOE_8_TOP2]),
     "hc_dhc4_moe": ("hc_llm DHC×4 MoE top-2/8", "hc_llm_moe_tiny.yaml", []),
     "widenet": ("widenet (MLM)", "widenet_tiny.yaml", []),

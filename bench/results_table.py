@@ -111,7 +111,9 @@ def _architecture(results: dict) -> list[str]:
     out = ["## Architecture overheads: step time ratios, tiny configs, interleaved in one process", ""]
     if "hc" in results:
         out.append(f"- DHC×4 ÷ residual: {results['hc']['dhc4_over_residual']:.3f}; "
-                   f"SHC×4 ÷ residual: {results['hc']['shc4_over_residual']:.3f}")
+                   f"SHC×4 ÷ residual: {results['hc']['shc4_over_residual']:.3f}"
+                   + (f"; mHC×4 ÷ residual: {results['hc']['mhc4_over_residual']:.3f}"
+                      if "mhc4_over_residual" in results["hc"] else ""))
     if "moe" in results:
         out.append(f"- MoE top-2 of 8 (dropless) ÷ dense with the same active parameters: "
                    f"{results['moe']['top2of8_over_dense']:.3f}")

@@ -21,7 +21,7 @@ from torch.utils.checkpoint import checkpoint
 
 from models.family import FamilyConfig, ModelFamily
 from models.layers.attention import Attention, document_causal_mask
-from models.layers.hyper_connections import HyperConnection, mixing_statistics
+from models.layers.hyper_connections import HyperConnection, build_connection, mixing_statistics
 from models.layers.mlp import SwiGLU, swiglu_hidden_size
 from models.layers.moe import MoEConfig, MoELayer, collect_routing
 from models.layers.norms import RMSNorm
@@ -81,7 +81,14 @@ class LlamaConfig(FamilyConfig):
 class HCLLMConfig(LlamaConfig):
     name: Literal["hc_llm"] = Field("hc_llm", description="Model family; `zeroray models` lists them.")
     rate: int = Field(4, ge=1, description="Expansion rate n: the number of hidden streams.")
-    dynamic: bool = Field(True, description="Dynamic hyper-connections (DHC); false = static (SHC).")
+    connection: Literal["hc", "mhc"] = Field(
+        "hc", description="`hc`: hyper-connections (Zhu et al., ICLR 2025); `mhc`: manifold-constrained "
+        "hyper-connections (Xie et al., arXiv 2512.24880): H_res projected onto the doubly stochastic "
+        "matrices by Sinkhorn-Knopp, H_pre = sigmoid, H_post = 2 sigmoid.")
+    dynamic: bool = Field(True, description="Input-dependent mixing weights: DHC (false = SHC) for `hc`, "
+                          "the paper's mHC (false = its biases only) for `mhc`.")
+    sinkhorn_iters: int = Field(20, ge=1, description="Sinkhorn-Knopp iterations projecting mHC's H_res "
+                                "(the paper's t_max); `mhc` only.")
 
     @property
     def hc_rate(self) -> int:
@@ -100,16 +107,17 @@ class Block(nn.Module):
             self.mlp = MoELayer(cfg.d_model, cfg.expert_hidden, cfg.moe)
         self.hyper = cfg.hc_rate > 0
         if self.hyper:  # the k-th hyper-connection: k = 2·layer (attention), 2·layer + 1 (MLP)
-            self.hc_attn = HyperConnection(cfg.d_model, cfg.hc_rate, 2 * index, cfg.dynamic)
-            self.hc_mlp = HyperConnection(cfg.d_model, cfg.hc_rate, 2 * index + 1, cfg.dynamic)
+            self.hc_attn, self.hc_mlp = (
+                build_connection(cfg.connection, cfg.d_model, cfg.hc_rate, k, cfg.dynamic, cfg.sinkhorn_iters)
+                for k in (2 * index, 2 * index + 1))
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         if not self.hyper:
             x = x + self.attn(self.attn_norm(x), attn_mask=attn_mask)
             return x + self.mlp(self.mlp_norm(x))
-        h, carried, beta = self.hc_attn.width(x)
+        h, carried, beta = self.hc_attn(x)  # a module call: ZeRO-3 gathers its parameters
         x = HyperConnection.depth(self.attn(self.attn_norm(h), attn_mask=attn_mask), carried, beta)
-        h, carried, beta = self.hc_mlp.width(x)
+        h, carried, beta = self.hc_mlp(x)
         return HyperConnection.depth(self.mlp(self.mlp_norm(h)), carried, beta)
 
 
@@ -196,4 +204,4 @@ class LlamaModel(ModelFamily):
 
 
 register("llama", LlamaConfig, LlamaModel, "Llama-style decoder (RMSNorm, RoPE, SwiGLU, SDPA), dense or MoE: the baseline")
-register("hc_llm", HCLLMConfig, LlamaModel, "the baseline decoder with hyper-connections (static or dynamic), dense or MoE")
+register("hc_llm", HCLLMConfig, LlamaModel, "the baseline decoder with hyper-connections (static, dynamic or manifold-constrained), dense or MoE")

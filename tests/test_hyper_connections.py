@@ -200,7 +200,7 @@ def test_mixing_statistics_match_a_hand_computation_and_survive_checkpointing(dy
     model(ids, labels=ids).loss.backward()
     stats = model.step_statistics()
     assert len(seen) == 2 * SHAPE["n_layers"]
-    alphas, betas, dyn_alpha, dyn_beta = [], [], [], []
+    alphas, betas, dyn_alpha, dyn_beta, h_res = [], [], [], [], []
     with torch.no_grad():
         for conn, streams in zip(model.hyper_connections, seen, strict=True):
             *_, beta, alpha = reference_width(conn, streams)
@@ -209,13 +209,30 @@ def test_mixing_statistics_match_a_hand_computation_and_survive_checkpointing(dy
             betas.append(beta.mean())
             dyn_alpha.append((alpha - conn.static_alpha).abs().mean())
             dyn_beta.append((beta - conn.static_beta).abs().mean())
+            h_res.append(alpha[..., 1:].transpose(-1, -2).reshape(-1, 4, 4))  # H′ = A_rᵀH: H_res = A_rᵀ
+        # The residual mapping's row/column-sum errors, and the Amax gains of the composite from each
+        # connection k to the last, C_k = H_res⁽ᴷ⁻¹⁾ ⋯ H_res⁽ᵏ⁾ (max |row sum|, max |column sum|).
+        row_error = torch.stack([(h.sum(-1) - 1).abs().amax(-1).mean() for h in h_res]).mean()
+        col_error = torch.stack([(h.sum(-2) - 1).abs().amax(-1).mean() for h in h_res]).mean()
+        forward, backward = [], []
+        for k in range(len(h_res)):
+            c = h_res[k]
+            for h in h_res[k + 1 :]:
+                c = h @ c
+            forward.append(c.sum(-1).abs().amax(-1).mean())
+            backward.append(c.sum(-2).abs().amax(-1).mean())
         static_alpha = torch.stack([c.static_alpha.abs().mean() for c in model.hyper_connections]).mean()
         static_beta = torch.stack([c.static_beta.abs().mean() for c in model.hyper_connections]).mean()
     expected = {
         "hc/alpha_mean": torch.stack(alphas).mean(), "hc/beta_mean": torch.stack(betas).mean(),
         "hc/static_alpha_abs_mean": static_alpha, "hc/static_beta_abs_mean": static_beta,
         "hc/alpha_per_connection_mean": torch.stack(alphas), "hc/beta_per_connection_mean": torch.stack(betas),
+        "hc/res_row_error_mean": row_error, "hc/res_col_error_mean": col_error,
+        "hc/composite_gain_forward_mean": forward[0], "hc/composite_gain_backward_mean": backward[0],
+        "hc/composite_gain_forward_per_connection_mean": torch.stack(forward),
+        "hc/composite_gain_backward_per_connection_mean": torch.stack(backward),
     }
+    assert row_error > 1e-2 and col_error > 1e-2  # unconstrained: the sums drift from 1
     if dynamic:
         expected["hc/dynamic_alpha_abs_mean"] = torch.stack(dyn_alpha).mean()
         expected["hc/dynamic_beta_abs_mean"] = torch.stack(dyn_beta).mean()

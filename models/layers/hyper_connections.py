@@ -19,11 +19,16 @@ being saved (memory: only the bf16 streams stay alive), and the backward adds it
 contributions to ∂H inside the ops that make them (addmm, addcmul_). The depth connection writes its
 bf16 result directly. Same math and the same matmuls (so `macs_per_token` still holds);
 tests/test_hyper_connections.py checks it against the straightforward formulation.
+
+Kinds: `build_connection("hc", ...)` is this module's HC (static or dynamic); `build_connection("mhc", ...)`
+the manifold-constrained variant of models/layers/mhc.py, a subclass with the same width/depth interface
+(width → (h₀, H′, B), then the shared `depth`), so a Block does not know which kind it holds.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -42,18 +47,32 @@ def no_weight_decay(p: nn.Parameter) -> nn.Parameter:
 @dataclass
 class MixingRecord:
     """What one call of a hyper-connection leaves for the statistics (detached, no host sync).
-    `static` [n, n+2] = [A_m | A_r | B] as used; `mixing` [..., n, n+2] the per-token total
-    (static + dynamic), None for a static connection."""
+    `static` [n, n+2] = [A_m | A_r | B] as used (mHC: the mapping of its static biases alone; it may be
+    a function computing it, so that only logged steps pay for it); `mixing` [..., n, n+2] the per-token
+    total (static + dynamic), None for a static connection. Every kind writes the carried streams as
+    H′ = A_rᵀH, so A_rᵀ is the residual mapping H_res of mHC's notation."""
 
-    static: torch.Tensor
+    static: torch.Tensor | Callable[[], torch.Tensor]
     mixing: torch.Tensor | None
+
+    def static_mixing(self) -> torch.Tensor:
+        return self.static() if callable(self.static) else self.static
 
 
 class HyperConnection(nn.Module):
+    """HC around one sub-layer. Called as a module (`conn(streams)` = `width`, so that ZeRO-3 gathers the
+    parameters for it), then `depth`. Subclasses (mHC) override `_build`, `width`, `macs_per_token`."""
+
     def __init__(self, d_model: int, rate: int, index: int, dynamic: bool):
         super().__init__()
-        n = rate
-        self.rate, self.dynamic = n, dynamic
+        self.rate, self.dynamic = rate, dynamic
+        # One record per call since the last `reset()` (the model snapshots them after its forward,
+        # so an activation-checkpoint recomputation does not count twice; as models/layers/moe.py).
+        self.calls: list[MixingRecord] = []
+        self._build(d_model, index)
+
+    def _build(self, d_model: int, index: int) -> None:
+        n, dynamic = self.rate, self.dynamic
         a_m = torch.zeros(n, 1)
         a_m[index % n] = 1.0
         # Column 0 is A_m, columns 1..n are A_r: one matrix so both mixes are one matmul.
@@ -65,12 +84,12 @@ class HyperConnection(nn.Module):
             self.dynamic_beta_fn = nn.Parameter(torch.zeros(d_model, 1))  # W_β, decayed
             self.dynamic_alpha_scale = nn.Parameter(torch.full((1,), 0.01))
             self.dynamic_beta_scale = nn.Parameter(torch.full((1,), 0.01))
-        # One record per call since the last `reset()` (the model snapshots them after its forward,
-        # so an activation-checkpoint recomputation does not count twice; as models/layers/moe.py).
-        self.calls: list[MixingRecord] = []
 
     def reset(self) -> None:
         self.calls = []
+
+    def forward(self, streams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.width(streams)
 
     def width(self, streams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """streams [..., n, d] → (sub-layer input [..., d], carried streams [..., n, d] fp32, B [..., n])."""
@@ -224,7 +243,8 @@ class DynamicWidth(torch.autograd.Function):
         return g_h.to(streams.dtype).view(streams.shape), g_static, g_proj, g_scale, None
 
 
-_STATISTICS = ("alpha", "beta", "static_alpha_abs", "static_beta_abs", "dynamic_alpha_abs", "dynamic_beta_abs")
+_STATISTICS = ("alpha", "beta", "static_alpha_abs", "static_beta_abs", "dynamic_alpha_abs", "dynamic_beta_abs",
+               "res_row_error", "res_col_error")
 
 
 def mixing_statistics(records: list[list[MixingRecord]]) -> dict[str, torch.Tensor]:
@@ -232,26 +252,77 @@ def mixing_statistics(records: list[list[MixingRecord]]) -> dict[str, torch.Tens
     order; a connection called several times averages its calls). Averages over tokens and entries:
     `hc/alpha_mean` the width weights [A_m | A_r], `hc/beta_mean` the depth weights B (static +
     dynamic); `hc/static_{alpha,beta}_abs_mean` |the static parts|; `hc/dynamic_{alpha,beta}_abs_mean`
-    |s ∘ tanh(H̄W)|, DHC only. `hc/{alpha,beta}_per_connection_mean` list them per connection."""
+    |the dynamic parts| (DHC: s ∘ tanh(H̄W); mHC: the mapping minus that of its biases alone), dynamic
+    connections only. `hc/{alpha,beta}_per_connection_mean` list them per connection.
+
+    The residual mapping H_res = A_rᵀ (carried streams H′ = H_res H), what mHC constrains:
+    `hc/res_{row,col}_error_mean`: max_i |Σ_j H_res[i, j] − 1| (rows: the forward gain) and the same for
+    columns (the backward gain), per token and connection, averaged — 0 for a doubly stochastic H_res
+    (mHC: rows exact, columns within Sinkhorn–Knopp's convergence). `hc/composite_gain_{forward,
+    backward}_mean`: the mHC paper's Amax gain magnitude of the composite mapping over the whole depth,
+    C = H_res⁽ᴷ⁻¹⁾ ⋯ H_res⁽⁰⁾: max |row sum| (forward) and max |column sum| (backward) of C per token,
+    averaged over tokens (paper: ≈ 1.6 for mHC, up to ≈ 3000 for HC at 27B); and
+    `hc/composite_gain_{forward,backward}_per_connection_mean` the same for the composite from each
+    connection k to the last, C_k = H_res⁽ᴷ⁻¹⁾ ⋯ H_res⁽ᵏ⁾ (the paper's Fig. 3b / 7b)."""
     if not any(records):
         return {}
-    table = torch.stack([torch.stack([_call_means(r) for r in calls]).mean(0) for calls in records if calls])
+    used = [calls for calls in records if calls]
+    table = torch.stack([torch.stack([_call_means(r) for r in calls]).mean(0) for calls in used])
     stats = {f"hc/{name}_mean": column.mean() for name, column in zip(_STATISTICS, table.unbind(1), strict=True)}
     stats["hc/alpha_per_connection_mean"], stats["hc/beta_per_connection_mean"] = table[:, 0], table[:, 1]
     if all(r.mixing is None for calls in records for r in calls):
         del stats["hc/dynamic_alpha_abs_mean"], stats["hc/dynamic_beta_abs_mean"]
+    forward, backward = _composite_gains([_residual_mapping(calls[-1]) for calls in used])
+    stats["hc/composite_gain_forward_mean"], stats["hc/composite_gain_backward_mean"] = forward[0], backward[0]
+    stats["hc/composite_gain_forward_per_connection_mean"] = forward
+    stats["hc/composite_gain_backward_per_connection_mean"] = backward
     return stats
+
+
+def _residual_mapping(record: MixingRecord) -> torch.Tensor:
+    """H_res = A_rᵀ of one call: [tokens, n, n] (a static one: [1, n, n])."""
+    n = record.static_mixing().shape[0]
+    mixing = record.static_mixing() if record.mixing is None else record.mixing
+    return mixing.reshape(-1, n, n + 2)[..., 1 : n + 1].transpose(-1, -2).float()
+
+
+def _composite_gains(mappings: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Amax gains (forward: max |row sum|, backward: max |column sum|, averaged over tokens) of the
+    suffix products C_k = H⁽ᴷ⁻¹⁾ ⋯ H⁽ᵏ⁾ for every k, from the per-token mappings in depth order."""
+    tokens = max(m.shape[0] for m in mappings)
+    composite = None
+    forward, backward = [], []
+    for mapping in reversed(mappings):
+        composite = mapping.expand(tokens, -1, -1) if composite is None else composite @ mapping
+        forward.append(composite.sum(-1).abs().amax(-1).mean())
+        backward.append(composite.sum(-2).abs().amax(-1).mean())
+    return torch.stack(forward[::-1]), torch.stack(backward[::-1])
 
 
 def _call_means(record: MixingRecord) -> torch.Tensor:
     """One call's statistics, in the order of _STATISTICS."""
-    static = record.static
+    static = record.static_mixing()
     n = static.shape[0]
     if record.mixing is None:
         total, dynamic = static, torch.zeros_like(static)
     else:  # per entry, averaged over tokens
         per_token = record.mixing.reshape(-1, n, n + 2)
         total, dynamic = per_token.mean(0), (per_token - static).abs().mean(0)
+    h_res = _residual_mapping(record)  # [tokens, n, n]
+    row_error = (h_res.sum(-1) - 1).abs().amax(-1).mean()
+    col_error = (h_res.sum(-2) - 1).abs().amax(-1).mean()
     return torch.stack([total[:, : n + 1].mean(), total[:, n + 1].mean(),
                         static[:, : n + 1].abs().mean(), static[:, n + 1].abs().mean(),
-                        dynamic[:, : n + 1].mean(), dynamic[:, n + 1].mean()])
+                        dynamic[:, : n + 1].mean(), dynamic[:, n + 1].mean(), row_error, col_error])
+
+
+def build_connection(kind: str, d_model: int, rate: int, index: int, dynamic: bool,
+                     sinkhorn_iters: int = 20) -> HyperConnection:
+    """The k-th (`index`) connection of a model: `hc` (Zhu et al.) or `mhc` (models/layers/mhc.py)."""
+    if kind == "hc":
+        return HyperConnection(d_model, rate, index, dynamic)
+    if kind == "mhc":
+        from models.layers.mhc import ManifoldHyperConnection
+
+        return ManifoldHyperConnection(d_model, rate, index, dynamic, sinkhorn_iters)
+    raise ValueError(f"unknown hyper-connection kind {kind!r} (hc, mhc)")
