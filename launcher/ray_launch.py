@@ -12,7 +12,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
-from cluster.local import ray_cluster, scaling_config, worker_env
+from cluster.local import ray_cluster, scaling_config, starts_embedded_cluster, worker_env
 from launcher.driver_stop import DriverStop
 from launcher.progress import Progress
 from launcher.run_upload import RunDirUpload
@@ -159,7 +159,8 @@ def launch(spec: RunSpec, fresh: bool = False, ray_temp_dir: str | None = None, 
             storage_filesystem=None if remote is None else PyFileSystem(FSSpecHandler(remote.fs)),
             failure_config=failure_config(spec.trainer),
             checkpoint_config=CheckpointConfig(num_to_keep=spec.output.keep_last),
-            worker_runtime_env={"env_vars": worker_env(c)},
+            # On a cluster of its own the raylet gives the workers their environment (cluster.local).
+            worker_runtime_env=None if starts_embedded_cluster(c) else {"env_vars": worker_env(c)},
         ),
     )
     with RunDirUpload(run, remote) if remote is not None else nullcontext():
