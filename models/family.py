@@ -86,6 +86,16 @@ class ModelFamily(nn.Module):
 
         return [m for m in self.modules() if isinstance(m, MoELayer)]
 
+    def after_optimizer_step(self) -> None:
+        """Called by the trainer on every rank once after each optimizer step (all its micro-batches
+        done, before the step's metrics and checkpoint). With MoE layers a collective: their load over
+        the step is summed over ranks and each expert bias is updated (models.layers.moe.end_step)."""
+        layers = self.moe_layers
+        if layers:
+            from models.layers.moe import end_step
+
+            end_step(layers)
+
     def enable_activation_checkpointing(self) -> None:
         raise NotImplementedError(f"{type(self).__name__} does not support activation checkpointing")
 

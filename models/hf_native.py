@@ -10,8 +10,14 @@ converters) reads it. The mapping is checked by equal logits (tests/test_hf_nati
   experts in fp32, then top-k, *without* renormalising the k weights (`norm_topk_prob: false`), and
   no QK-norm in attention (`qkv_bias: false` removes its biases). Mixtral renormalises the top-k
   weights and OLMoE normalises queries and keys, so neither computes our function. Qwen2-MoE always
-  has a gated shared expert: it is exported with zero weights (its output is exactly 0). Only a
-  dropless model (`moe.capacity_factor: 0`) matches: transformers' MoE blocks drop no tokens.
+  has a gated shared expert, sigmoid(x·w)·MLP(x): without `moe.shared_experts` it is exported with
+  zero weights (its output is exactly 0); with n shared experts (DeepSeekMoE, ungated) it is their
+  SwiGLU of n × the expert size with w = 0, so the gate is sigmoid(0) = 1/2 exactly, and the down
+  projection doubled (a power of two: exact). Only a dropless model (`moe.capacity_factor: 0`)
+  matches: transformers' MoE blocks drop no tokens. A model balanced by an expert bias
+  (`moe.balance: bias|both`) does not: the bias changes which experts are chosen, and no
+  transformers class selects by softmax + bias without renormalising the k weights (Ernie 4.5's
+  MoE renormalises, DeepSeek-V3's scores by sigmoid); it exports with remote code.
 - `hc_llm`, `widenet`, `charformer` have no `transformers` class: they export with remote code
   (models/hf.py). `convbert`/`bert` are trained with replaced-token detection, which `transformers`
   has no ConvBERT head for; they also export with remote code for now.
@@ -30,7 +36,7 @@ def native_class_name(cfg: BaseModel) -> str | None:
     moe = cfg.moe
     if moe is None:
         return "LlamaForCausalLM"
-    return "Qwen2MoeForCausalLM" if moe.capacity_factor == 0 else None
+    return "Qwen2MoeForCausalLM" if moe.capacity_factor == 0 and not moe.uses_bias else None
 
 
 def _common(cfg) -> dict:
@@ -76,7 +82,8 @@ def to_native(cfg: BaseModel, state: dict[str, torch.Tensor]):
     config = transformers.Qwen2MoeConfig(
         **_common(cfg), intermediate_size=cfg.expert_hidden, moe_intermediate_size=cfg.expert_hidden,
         num_experts=moe.num_experts, num_experts_per_tok=moe.top_k, norm_topk_prob=False, qkv_bias=False,
-        decoder_sparse_step=1, mlp_only_layers=[], shared_expert_intermediate_size=1, use_sliding_window=False,
+        decoder_sparse_step=1, mlp_only_layers=[], use_sliding_window=False,
+        shared_expert_intermediate_size=moe.shared_experts * cfg.expert_hidden or 1,
         router_aux_loss_coef=moe.aux_loss_coef,
     )
     for i in range(cfg.n_layers):
@@ -87,9 +94,14 @@ def to_native(cfg: BaseModel, state: dict[str, torch.Tensor]):
             (state[ours + "w_gate"].transpose(1, 2), state[ours + "w_up"].transpose(1, 2)), dim=1).contiguous()
         weights[theirs + "experts.down_proj"] = state[ours + "w_down"].transpose(1, 2).contiguous()
         d = cfg.d_model
-        weights[theirs + "shared_expert.gate_proj.weight"] = torch.zeros(1, d)
-        weights[theirs + "shared_expert.up_proj.weight"] = torch.zeros(1, d)
-        weights[theirs + "shared_expert.down_proj.weight"] = torch.zeros(d, 1)
+        if moe.shared_experts:  # gate sigmoid(0) = 1/2 times a doubled down projection: exactly ours
+            for proj in ("gate_proj", "up_proj", "down_proj"):
+                w = state[f"{ours}shared.{proj}.weight"]
+                weights[f"{theirs}shared_expert.{proj}.weight"] = 2 * w if proj == "down_proj" else w
+        else:
+            weights[theirs + "shared_expert.gate_proj.weight"] = torch.zeros(1, d)
+            weights[theirs + "shared_expert.up_proj.weight"] = torch.zeros(1, d)
+            weights[theirs + "shared_expert.down_proj.weight"] = torch.zeros(d, 1)
         weights[theirs + "shared_expert_gate.weight"] = torch.zeros(1, d)
     return config, weights
 

@@ -23,7 +23,7 @@ from models.family import FamilyConfig, ModelFamily
 from models.layers.attention import Attention, document_causal_mask
 from models.layers.hyper_connections import HyperConnection, build_connection, mixing_statistics
 from models.layers.mlp import SwiGLU, swiglu_hidden_size
-from models.layers.moe import MoEConfig, MoELayer, collect_routing
+from models.layers.moe import MoEConfig, MoELayer, collect_routing, load_statistics
 from models.layers.norms import RMSNorm
 from models.output import ModelOutput
 from models.parameters import init_normal
@@ -185,7 +185,8 @@ class LlamaModel(ModelFamily):
         """Statistics of the last forward pass, by metric name. The trainer sums them over ranks,
         and averages those whose name ends in `_mean` or `fraction`. The hyper-connection ones are
         reduced here, from the last forward's records, so steps that are not logged pay nothing."""
-        return {**getattr(self, "_statistics", {}), **mixing_statistics(getattr(self, "_mixing_records", []))}
+        return {**getattr(self, "_statistics", {}), **load_statistics(self.moe_layers),
+                **mixing_statistics(getattr(self, "_mixing_records", []))}
 
     # ---- accounting -------------------------------------------------------------------------
     def flops_per_token(self, seq_len: int) -> float:

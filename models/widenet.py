@@ -31,7 +31,7 @@ from torch.utils.checkpoint import checkpoint
 from models.family import FamilyConfig, ModelFamily
 from models.layers.attention import Attention
 from models.layers.mlp import SwiGLU, swiglu_hidden_size
-from models.layers.moe import MoEConfig, MoELayer, collect_routing
+from models.layers.moe import MoEConfig, MoELayer, collect_routing, load_statistics
 from models.layers.norms import LayerNorm
 from models.output import ModelOutput
 from models.parameters import init_normal
@@ -165,10 +165,14 @@ class WideNet(ModelFamily):
     def tied_parameters(self) -> dict[str, str]:
         return {"lm_head.weight": "embed.weight"}
 
+    def step_statistics(self) -> dict[str, torch.Tensor]:
+        """The last forward's routing statistics and the last step's per-layer load (moe.load_statistics)."""
+        return {**getattr(self, "_statistics", {}), **load_statistics(self.moe_layers)}
+
     # ---- accounting (parameters: the shared blocks once, ModelFamily.num_parameters) ------------
     def flops_per_token(self, seq_len: int) -> float:
         """6 × multiply-adds per token, counting each of the L layers whether its weights are shared
-        or not: attention projections, and the dense FFN or the router + top_k experts; plus the
+        or not: attention projections, and the dense FFN or the router + shared + top_k experts; plus the
         output projection once and the attention scores (QKᵀ and AV, 12·L·d·seq)."""
         cfg = self.config
 
@@ -182,7 +186,7 @@ class WideNet(ModelFamily):
                 macs += linear_weights(self._at(self.mlp, depth))
             else:
                 moe = self._at(self.moe, depth)
-                macs += moe.router.weight.numel() + moe.expert_macs_per_token()
+                macs += linear_weights(moe) + moe.expert_macs_per_token()  # router, shared experts
         return 6.0 * macs + 12 * cfg.n_layers * cfg.d_model * seq_len
 
 

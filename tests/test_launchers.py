@@ -109,8 +109,8 @@ def _first_step_loss(spec, world: int) -> float:
 
     import models
     from data_pipelines import BatchStream
-    from trainer.ds_config import resolve_precision
     from trainer.build import seed_everything
+    from trainer.ds_config import resolve_precision
 
     seed_everything(spec.trainer.seed)
     model = models.build(spec.model)

@@ -81,6 +81,7 @@ def run_steps(t: Training, hooks: list[StepHook]) -> dict | None:
             t.engine.step()
             for hook in hooks:
                 hook.micro_step(out)
+        t.engine.module.after_optimizer_step()  # e.g. MoE expert-bias updates from the step's load
         t.step += 1
         end = StepEnd(t.step, last=t.step == max_steps)
         for hook in hooks:

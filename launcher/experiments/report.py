@@ -54,9 +54,19 @@ def run_metrics(run: PlannedRun) -> dict:
         "eval_bits_per_byte": evals[-1].get("eval/bits_per_byte") if evals else None,
         "eval_step": evals[-1]["step"] if evals else None,
         "train_loss": train[-1]["loss"] if train else None,
+        "load_imbalance": _late_mean(train, "moe/max_load_over_mean"),
         "curve_metric": key,
         "curve": [[r["step"] * spec.tokens_per_step, r[key]] for r in curve_from],
     }
+
+
+def _late_mean(records: list[dict], key: str) -> float | None:
+    """The mean of `key` over the records of the run's last quarter of steps (None where absent)."""
+    values = [(r["step"], r[key]) for r in records if isinstance(r.get(key), int | float)]
+    if not values:
+        return None
+    last = values[-1][0]
+    return statistics.fmean([v for step, v in values if step > 0.75 * last] or [values[-1][1]])
 
 
 def summarise(values: list[float | None]) -> dict:

@@ -30,10 +30,14 @@ PLATFORMS: dict[str, tuple[str, ...]] = {
 }
 SCALES = tuple(PLATFORMS)
 
-Metric = Literal["params", "active_params", "flops_per_token", "tokens_per_s", "eval_loss", "train_loss"]
+Metric = Literal["params", "active_params", "flops_per_token", "tokens_per_s", "eval_loss", "train_loss",
+                 "load_imbalance"]
 METRIC_TITLES = {"params": "params", "active_params": "active params", "flops_per_token": "FLOPs/token",
                  "tokens_per_s": "tokens/s", "eval_loss": "eval loss", "eval_bits_per_byte": "eval bits/byte",
-                 "train_loss": "train loss"}
+                 "train_loss": "train loss",
+                 # MoE: max ÷ mean expert load over a step (all ranks), averaged over layers and over the
+                 # records of the run's last quarter (moe/max_load_over_mean; 1 = balanced)
+                 "load_imbalance": "max/mean load"}
 
 def configs_dir() -> Path:
     """The folder of run specs the experiments name (`configs/`): $ZERORAY_CONFIGS, else ./configs of the

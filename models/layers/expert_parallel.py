@@ -4,7 +4,7 @@ families never import this module, the trainer calls `shard_experts` before `dee
 It is the one module under models/ that knows about DeepSpeed.
 
 The sharded layer keeps zeroray's routing unchanged (fp32 top-k, capacity with first choices first,
-dropless, load-balance and z losses, statistics): it inherits `MoELayer.forward` and replaces only
+dropless, load-balance and z losses, expert bias, shared experts, statistics): it inherits `MoELayer.forward` and replaces only
 `run_experts`, the step that applies the experts to the rows routed to them. Routing, capacity and
 losses are computed on this rank's tokens, exactly as the unsharded layer does under data
 parallelism, so `ep_size` changes where an expert runs, never which assignments are kept.
@@ -107,7 +107,10 @@ class ExpertParallelMoE(MoELayer, AutoEPMoELayer):
         if not 0 <= ep_rank < ep_size:
             raise ValueError(f"ep_rank {ep_rank} is outside 0..{ep_size - 1}")
         self.cfg = dense.cfg
-        self.calls = []
+        # Records, step load counters and the expert bias (a copy of the built layer's): the bias is
+        # replicated, updated from loads all-reduced over every rank, so it stays equal everywhere.
+        self._init_balance(getattr(dense, "expert_bias", None))
+        self.shared = dense.shared  # shared experts: replicated, data-parallel like the router
         # The attributes DeepSpeed's engine reads from an AutoEPMoELayer.
         self.num_experts, self.ep_size, self.ep_rank = e, ep_size, ep_rank
         self.num_local_experts = e // ep_size
