@@ -437,3 +437,27 @@ def test_a_bias_model_exports_with_remote_code(runs, name, tmp_path):
 
 if __name__ == "__main__":
     _worker(sys.argv[1])
+
+
+@pytest.mark.slow
+def test_a_resume_on_another_worker_count_keeps_the_bias(runs, tmp_path):
+    """z2 (2 workers) resumed from its step-2 checkpoint on 1 worker: DeepSpeed's universal checkpoint
+    carries parameters and optimizer state only; trainer.resume restores the buffers, so step 3's bias is
+    the 2-worker run's (one sign step from step 2's, not from zero)."""
+    resumed = runs / "z2_one_worker"
+    shutil.copytree(runs / "z2", resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step_00000004")
+    (resumed / "checkpoints" / "latest").write_text("step_00000002\n")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", "1", "-m", "trainer",
+         str(runs.parent / "balance.yaml"), *(o for o in COMMON if not o.startswith("trainer.grad_accum_steps")),
+         *RUNS["z2"], "output.name=z2_one_worker", "trainer.max_steps=3",
+         "cluster.workers=[1, 2]", "trainer.global_batch_size=8"],
+        capture_output=True, text=True, env=env, timeout=300, cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    states = torch.load(resumed / "checkpoints" / "step_00000003" / "mp_rank_00_model_states.pt", weights_only=False)
+    straight = _biases(runs, "z2", 0)
+    for i in range(2):
+        torch.testing.assert_close(states["module"][f"blocks.{i}.mlp.expert_bias"], straight[2, i], rtol=0, atol=1e-7)

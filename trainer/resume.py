@@ -5,13 +5,15 @@ universal checkpoint (each logical data stream continues wherever it is now read
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
 from data_pipelines import merge_states
 from trainer.build import Training, seed_everything
 from trainer.checkpoint import Checkpoint, CheckpointError, CheckpointStore, set_rng_state
-from trainer.safe_load import UnsafeCheckpointError, weights_only_loads
+from trainer.safe_load import UnsafeCheckpointError, load_file, weights_only_loads
 from trainer.spec import RunSpec, read_spec
 
 log = logging.getLogger("zeroray.trainer")
@@ -81,6 +83,8 @@ def load(training: Training, store: CheckpointStore, resume: Checkpoint) -> None
     if load_path is None:
         raise CheckpointError(f"DeepSpeed could not load {resume.path}")
     training.step = resume.step
+    if resized and t.zero_stage > 0:
+        restore_buffers(training.engine.module, store.root / resume.tag)  # the working copy, as fetched
     if resized:
         # Every logical data stream continues where it stopped, whichever rank now reads it.
         states = (store.rank_state(resume, r)["data"] for r in range(resume.world_size))
@@ -96,3 +100,15 @@ def load(training: Training, store: CheckpointStore, resume: Checkpoint) -> None
         training.data.load_state_dict(state["data"])
         set_rng_state(state["rng"])
         log.info("resumed from %s at step %d", resume.path, resume.step)
+
+
+def restore_buffers(module: torch.nn.Module, checkpoint_dir: Path) -> None:
+    """The module's persistent buffers (e.g. MoE expert biases) from the checkpoint's own model states.
+    Why: DeepSpeed 0.19.8's universal-checkpoint load restores parameters and optimizer state only, so a
+    resume on another worker count would otherwise start every buffer from its initial value. Buffers are
+    not partitioned by ZeRO: rank 0's file holds them whole."""
+    states = load_file(checkpoint_dir / "mp_rank_00_model_states.pt")["module"]
+    with torch.no_grad():
+        for name, buffer in module.named_buffers():
+            if name in states:
+                buffer.copy_(states[name].to(buffer.device, buffer.dtype))
