@@ -171,6 +171,18 @@ def _mixed_grad(g_h0: torch.Tensor | None, g_carried: torch.Tensor | None, shape
     return g
 
 
+def per_token_mix_grads(g_h0, g_carried, g_mixing, h: torch.Tensor, mixing: torch.Tensor):
+    """Backward of a per-token mix [h₀ | H′] = Mᵀ H (M = mixing[..., :n+1], `mixing` [T, n, n+2] with the
+    depth weights last): (∂H through the mix [T, n, d], ∂mixing [T, n, n+2], the mix's share added to the
+    gradient `mixing` itself received). Shared by the dynamic HC and mHC widths."""
+    tokens, n, d = h.shape
+    g_mixed = _mixed_grad(g_h0, g_carried, torch.Size((tokens, n + 1, d)), h)
+    g_h = torch.bmm(mixing[..., : n + 1], g_mixed)
+    g_coef = torch.zeros_like(mixing) if g_mixing is None else g_mixing.reshape(tokens, n, n + 2).clone()
+    g_coef[..., : n + 1] += torch.bmm(h, g_mixed.transpose(1, 2))
+    return g_h, g_coef
+
+
 class StaticWidth(torch.autograd.Function):
     """SHC width: [h₀ | H′] = [A_m | A_r]ᵀ H for every token, in fp32; the fp32 copy of H is
     recomputed in backward rather than kept."""
@@ -226,10 +238,7 @@ class DynamicWidth(torch.autograd.Function):
         *_, n, d = streams.shape
         h = streams.reshape(-1, n, d).float()
         tokens = h.shape[0]
-        g_mixed = _mixed_grad(g_h0, g_carried, torch.Size((tokens, n + 1, d)), h)
-        g_h = torch.bmm(mixing[..., : n + 1], g_mixed)  # ∂H through the mix: [T, n, d]
-        g_coef = torch.zeros_like(mixing) if g_mixing is None else g_mixing.reshape(tokens, n, n + 2).clone()
-        g_coef[..., : n + 1] += torch.bmm(h, g_mixed.transpose(1, 2))  # ∂[A_m | A_r] per token
+        g_h, g_coef = per_token_mix_grads(g_h0, g_carried, g_mixing, h, mixing)  # ∂H, ∂[A_m | A_r | B]
         g_static = g_coef.sum(0)
         g_scale = (g_coef * t).sum((0, 1))
         g_z = g_coef * scale * (1 - t * t)  # through tanh

@@ -47,8 +47,8 @@ from models.layers.hyper_connections import (
     MixingRecord,
     StaticWidth,
     _fp32,
-    _mixed_grad,
     no_weight_decay,
+    per_token_mix_grads,
 )
 
 _TINY = 1e-30  # floor of exp(H̃_res): a row whose logits all underflow would make Sinkhorn divide 0 by 0
@@ -248,10 +248,7 @@ class ManifoldWidth(torch.autograd.Function):
         *_, n, d = streams.shape
         h = streams.reshape(-1, n, d).float()
         tokens = h.shape[0]
-        g_mixed = _mixed_grad(g_h0, g_carried, torch.Size((tokens, n + 1, d)), h)
-        g_h = torch.bmm(mixing[..., : n + 1], g_mixed)  # ∂x through the mix: [T, n, d]
-        g_coef = torch.zeros_like(mixing) if g_mixing is None else g_mixing.reshape(tokens, n, n + 2).clone()
-        g_coef[..., : n + 1] += torch.bmm(h, g_mixed.transpose(1, 2))  # ∂[H_preᵀ | H_resᵀ] per token
+        g_h, g_coef = per_token_mix_grads(g_h0, g_carried, g_mixing, h, mixing)  # ∂x, ∂[H_preᵀ | H_resᵀ | H_postᵀ]
         pre, post = mixing[..., 0], mixing[..., n + 1]
         g_logits = torch.empty(tokens, n * n + 2 * n, device=h.device)
         g_logits[:, :n] = g_coef[..., 0] * pre * (1 - pre)  # σ′ = σ(1 − σ)
