@@ -9,6 +9,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 import shutil  # noqa: E402
+import subprocess
+import sys
 import sysconfig
 import tempfile
 from pathlib import Path
@@ -65,3 +67,23 @@ def ray_local():
     yield
     ray.shutdown()
     shutil.rmtree(temp, ignore_errors=True)
+
+
+def torchrun_module(module: str, *args: str, nproc: int = 2, timeout: int = 500) -> None:
+    """`torchrun --standalone --nproc_per_node N -m MODULE ARGS…` from the repository root on CPU (one
+    thread per rank), failing the test with the end of its output if any rank fails."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", str(nproc), "-m",
+         module, *args],
+        capture_output=True, text=True, env=env, timeout=timeout, cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+
+
+def metrics_records(run: Path) -> list[dict]:
+    """The records of a run's metrics.jsonl, in order."""
+    import json
+
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

@@ -10,10 +10,7 @@ wrote: metrics, checkpoints, exported weights.
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -25,7 +22,9 @@ from models.layers.expert_parallel import ExpertParallelMoE, shard_experts
 from models.layers.moe import MoELayer
 from models.llama import LlamaConfig
 from models.widenet import WideNetConfig
+from tests.conftest import metrics_records, torchrun_module, write_config
 from trainer.errors import SpecError
+from trainer.safe_load import load_file
 from trainer.spec import load_spec
 
 MOE = "model.moe={num_experts: 4, top_k: 2, capacity_factor: 1.0}"
@@ -135,23 +134,15 @@ def _worker(config: str) -> None:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, small_corpus) -> Path:
-    from tests.conftest import write_config
 
     tmp = tmp_path_factory.mktemp("ep")
     config = write_config(tmp / "ep.yaml", small_corpus, tmp / "runs")
-    env = dict(os.environ, PYTHONUNBUFFERED="1", DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
-    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
-    torchrun = Path(sys.executable).parent / "torchrun"
-    proc = subprocess.run(
-        [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "tests.test_expert_parallel", str(config)],
-        capture_output=True, text=True, env=env, timeout=400, cwd=Path(__file__).resolve().parent.parent,
-    )
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    torchrun_module("tests.test_expert_parallel", str(config), timeout=400)
     return tmp / "runs"
 
 
 def _records(runs: Path, name: str) -> list[dict]:
-    return [json.loads(line) for line in (runs / name / "metrics.jsonl").read_text().splitlines()]
+    return metrics_records(runs / name)
 
 
 @pytest.mark.slow
@@ -181,13 +172,12 @@ def test_each_rank_holds_half_the_experts(runs):
     """DeepSpeed's own record of the parameter shapes each rank optimised."""
     step = runs / "ep2_z3" / "checkpoints" / "step_00000004"
     for rank in (0, 1):
-        states = torch.load(step / f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt", weights_only=False)
+        states = load_file(step / f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt")
         shapes = {n: tuple(s) for group in states["param_shapes"] for n, s in group.items()}
         assert shapes["blocks.0.mlp.experts.w1"][0] == 2 and shapes["blocks.1.mlp.experts.w2"][0] == 2
         assert "blocks.0.mlp.w_gate" not in shapes
         assert states["ds_autoep_layers"][0]["global_expert_start"] == 2 * rank
-    reference = torch.load(runs / "ep1" / "checkpoints" / "step_00000004" / "mp_rank_00_model_states.pt",
-                           weights_only=False)
+    reference = load_file(runs / "ep1" / "checkpoints" / "step_00000004" / "mp_rank_00_model_states.pt")
     assert reference["module"]["blocks.0.mlp.w_gate"].shape[0] == 4
     # ZeRO-2: one file per expert, written by the rank that holds it.
     assert len(list((runs / "ep2_z2" / "checkpoints" / "step_00000004").glob("layer_*_expert_*"))) == 2 * 4

@@ -10,9 +10,7 @@ rank after every step, the bias in the checkpoint and in the export.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -24,6 +22,8 @@ import models
 from models.layers.moe import MoEConfig, MoELayer, collect_routing, end_step, load_statistics
 from models.llama import LlamaConfig
 from models.widenet import WideNetConfig
+from tests.conftest import metrics_records, torchrun_module, write_config
+from trainer.safe_load import load_file
 
 
 def layer(**kw) -> MoELayer:
@@ -347,23 +347,15 @@ def _worker(config: str) -> None:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, small_corpus) -> Path:
-    from tests.conftest import write_config
 
     tmp = tmp_path_factory.mktemp("balance")
     config = write_config(tmp / "balance.yaml", small_corpus, tmp / "runs")
-    env = dict(os.environ, PYTHONUNBUFFERED="1", DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
-    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
-    torchrun = Path(sys.executable).parent / "torchrun"
-    proc = subprocess.run(
-        [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "tests.test_moe_balance", str(config)],
-        capture_output=True, text=True, env=env, timeout=500, cwd=Path(__file__).resolve().parent.parent,
-    )
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    torchrun_module("tests.test_moe_balance", str(config), timeout=500)
     return tmp / "runs"
 
 
 def _records(runs: Path, name: str) -> list[dict]:
-    return [json.loads(line) for line in (runs / name / "metrics.jsonl").read_text().splitlines()]
+    return metrics_records(runs / name)
 
 
 def _biases(runs: Path, name: str, rank: int) -> torch.Tensor:
@@ -392,8 +384,7 @@ def test_resume_continues_identically_and_the_bias_is_in_the_checkpoint(runs):
             assert ours[key] == theirs[key], (key, ours["step"])
     assert torch.equal(_biases(runs, RESUMED, 0), _biases(runs, "z2", 0)[2:])
     for step in (2, 4):
-        states = torch.load(runs / "z2" / "checkpoints" / f"step_{step:08d}" / "mp_rank_00_model_states.pt",
-                            weights_only=False)
+        states = load_file(runs / "z2" / "checkpoints" / f"step_{step:08d}" / "mp_rank_00_model_states.pt")
         for i in range(2):
             assert torch.equal(states["module"][f"blocks.{i}.mlp.expert_bias"], _biases(runs, "z2", 0)[step - 1, i])
 
@@ -448,16 +439,10 @@ def test_a_resume_on_another_worker_count_keeps_the_bias(runs, tmp_path):
     shutil.copytree(runs / "z2", resumed)
     shutil.rmtree(resumed / "checkpoints" / "step_00000004")
     (resumed / "checkpoints" / "latest").write_text("step_00000002\n")
-    env = dict(os.environ, PYTHONUNBUFFERED="1", DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
-    proc = subprocess.run(
-        [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", "1", "-m", "trainer",
-         str(runs.parent / "balance.yaml"), *(o for o in COMMON if not o.startswith("trainer.grad_accum_steps")),
-         *RUNS["z2"], "output.name=z2_one_worker", "trainer.max_steps=3",
-         "cluster.workers=[1, 2]", "trainer.global_batch_size=8"],
-        capture_output=True, text=True, env=env, timeout=300, cwd=Path(__file__).resolve().parent.parent,
-    )
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    states = torch.load(resumed / "checkpoints" / "step_00000003" / "mp_rank_00_model_states.pt", weights_only=False)
+    overrides = [o for o in COMMON if not o.startswith("trainer.grad_accum_steps")]  # derived on a range
+    torchrun_module("trainer", str(runs.parent / "balance.yaml"), *overrides, *RUNS["z2"], "output.name=z2_one_worker",
+                    "trainer.max_steps=3", "cluster.workers=[1, 2]", "trainer.global_batch_size=8", nproc=1, timeout=300)
+    states = load_file(resumed / "checkpoints" / "step_00000003" / "mp_rank_00_model_states.pt")
     straight = _biases(runs, "z2", 0)
     for i in range(2):
         torch.testing.assert_close(states["module"][f"blocks.{i}.mlp.expert_bias"], straight[2, i], rtol=0, atol=1e-7)
