@@ -425,9 +425,15 @@ def model_card(spec: RunSpec, found: Located | None, info: dict, module: torch.n
                 "span_corruption": "AutoModelForSeq2SeqLM"}[objective]
         load = (f"from transformers import {auto}\n"
                 f"model = {auto}.from_pretrained(\"PATH\", trust_remote_code=True)  # zeroray installed")
-        generation = ("`generate()` (greedy, sampling, beam search) decodes **without a KV cache**: zeroray's "
-                      "modules keep none, so each new token runs the whole prefix again (exact, slower for long "
-                      "outputs)." if objective != "mlm" else "A masked language model: no `generate()`.")
+        if objective == "mlm":
+            generation = "A masked language model: no `generate()`."
+        elif m.kv_cache_layers:
+            generation = ("`generate()` (greedy, sampling, beam search) decodes with a key/value cache "
+                          "(transformers' DynamicCache): the prompt once, then one token per step.")
+        else:  # an MoE that drops tokens by capacity (models.family.FamilyConfig.cacheable)
+            generation = ("`generate()` (greedy, sampling, beam search) decodes **without a KV cache**: the MoE "
+                          "drops tokens by capacity, which depends on the whole sequence, so each new token runs "
+                          "the whole prefix again (exact, slower for long outputs).")
     else:
         load = ("from transformers import AutoModelForCausalLM, AutoTokenizer\n"
                 "model = AutoModelForCausalLM.from_pretrained(\"PATH\")  # transformers alone\n"

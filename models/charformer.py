@@ -29,7 +29,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from models.family import FamilyConfig, ModelFamily
-from models.layers.attention import Attention
+from models.layers.attention import Attention, KVCache
 from models.layers.gbst import GBST
 from models.layers.mlp import SwiGLU, swiglu_hidden_size
 from models.layers.norms import RMSNorm
@@ -92,6 +92,10 @@ class CharformerConfig(FamilyConfig):
     def mlp_hidden(self) -> int:
         return swiglu_hidden_size(self.d_model, self.mlp_multiple_of)
 
+    @property
+    def kv_cache_layers(self) -> int:
+        return self.n_decoder_layers  # the decoder's self-attention (`decode(…, cache=…)`)
+
 
 class EncoderBlock(nn.Module):
     def __init__(self, cfg: CharformerConfig):
@@ -116,8 +120,9 @@ class DecoderBlock(nn.Module):
         self.mlp_norm = RMSNorm(cfg.d_model)
         self.mlp = SwiGLU(cfg.d_model, cfg.mlp_hidden)
 
-    def forward(self, x: torch.Tensor, memory: torch.Tensor, memory_mask: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.self_norm(x))
+    def forward(self, x: torch.Tensor, memory: torch.Tensor, memory_mask: torch.Tensor,
+                cache: KVCache | None = None, layer_idx: int = 0) -> torch.Tensor:
+        x = x + self.self_attn(self.self_norm(x), cache=cache, layer_idx=layer_idx)
         x = x + self.cross_attn(self.cross_norm(x), memory=memory, key_padding_mask=memory_mask)
         return x + self.mlp(self.mlp_norm(x))
 
@@ -157,12 +162,15 @@ class CharformerModel(ModelFamily):
             x = block(x, mask)
         return self.encoder_norm(x), mask
 
-    def decode(self, decoder_input_ids: torch.Tensor, memory: torch.Tensor, memory_mask: torch.Tensor
-               ) -> torch.Tensor:
-        """Decoder bytes [batch, T] attending to the encoder output → logits [batch, T, vocab]."""
+    def decode(self, decoder_input_ids: torch.Tensor, memory: torch.Tensor, memory_mask: torch.Tensor,
+               cache: KVCache | None = None) -> torch.Tensor:
+        """Decoder bytes [batch, T] attending to the encoder output → logits [batch, T, vocab].
+        `cache`: the decoder's self-attention keys and values of the bytes before these (decoding);
+        cross-attention projects the encoder output again at each call (one matmul per layer over the
+        ⌈L/d_s⌉ encoder positions, small beside what the cache saves)."""
         x = self.embed(decoder_input_ids)
-        for block in self.decoder:
-            x = block(x, memory, memory_mask)
+        for i, block in enumerate(self.decoder):
+            x = block(x, memory, memory_mask, cache, i)
         return self.lm_head(self.decoder_norm(x))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,

@@ -12,7 +12,10 @@ Adding a family — the checklist:
    the tokenizer), its own fields with descriptions (`zeroray config show` and docs/configuration.md
    read them), and the declarations: `objectives` (data.objective.kind values it trains on, the first
    is its default), `supports_segment_ids` (its forward takes `segment_ids` and masks attention by
-   document), `supports_activation_checkpointing`, `supports_moe` (it has a `moe` field).
+   document), `supports_activation_checkpointing`, `supports_moe` (it has a `moe` field), and where the
+   family decodes with a key/value cache the property `kv_cache_layers` (its causal forward, or an
+   encoder–decoder's `decode`, then takes `cache`, a models.layers.attention.KVCache, and only the
+   tokens after the cached ones).
 2. A module class deriving `ModelFamily`: `__init__(cfg)` calls `super().__init__(cfg)` first (the
    vocabulary guard), builds, then initialises; `forward(**batch) -> ModelOutput` with `loss` computed
    by `self.loss(logits, labels, aux)`; `flops_per_token(seq_len)`; override `tied_parameters`,
@@ -59,6 +62,18 @@ class FamilyConfig(BaseModel):
     def sequence_limit(self) -> int | None:
         """The longest sequence the model accepts (None: no limit)."""
         return getattr(self, "max_seq_len", None)
+
+    @property
+    def kv_cache_layers(self) -> int:
+        """Layers of keys and values a decoding cache holds; 0: this model decodes without one (each
+        step runs the whole prefix). Families that take a cache return `cacheable(depth)`."""
+        return 0
+
+    def cacheable(self, layers: int) -> int:
+        """`layers`, or 0 when an MoE drops tokens by capacity: which tokens are dropped depends on every
+        token of the forward, so decoding one token at a time would not give the whole sequence's logits."""
+        moe = self.moe_config
+        return 0 if moe is not None and moe.capacity_factor > 0 else layers
 
 
 class ModelFamily(nn.Module):

@@ -8,10 +8,12 @@ classes with the Auto factories; an exported folder also names them in `auto_map
 `trust_remote_code=True` loading.
 
 The causal and seq2seq wrappers are `GenerationMixin` models: `generate()` decodes greedily, by
-sampling or by beam search. They decode **without a KV cache**: zeroray's attention keeps none, so
-every step runs the whole prefix again (`prepare_inputs_for_generation` passes all of input_ids;
-no `Cache` is ever built, whatever `use_cache` says). Exact, and O(length²) per sequence: the native
-exports (models/hf_native.py: LlamaForCausalLM, Qwen2MoeForCausalLM) have transformers' own cache.
+sampling or by beam search, with a key/value cache: generate() builds transformers' DynamicCache
+(EncoderDecoderCache for Charformer, whose decoder's self-attention fills it) and zeroray's attention
+layers append to it (models.layers.attention.KVCache), so each step runs only the new token.
+`num_hidden_layers` in the config is the number of cached layers, which DynamicCache sizes itself by.
+A model whose config has no `kv_cache_layers` (e.g. an MoE that drops tokens by capacity) generates
+with use_cache off: the whole prefix each step.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import torch
 from torch import nn
 from transformers import (
     AutoConfig,
+    DynamicCache,
+    EncoderDecoderCache,
     AutoModel,
     AutoModelForCausalLM,
     AutoModelForMaskedLM,
@@ -51,7 +55,6 @@ class ZerorayConfig(PretrainedConfig):
             kwargs.setdefault("vocab_size", self.zeroray_model["vocab_size"])
         if "name" in self.zeroray_model:  # an encoder–decoder family generates through its encoder's output
             kwargs.setdefault("is_encoder_decoder", objective_of(self.zeroray_model["name"]) == "span_corruption")
-        kwargs.setdefault("use_cache", False)  # zeroray's modules keep no KV cache
         super().__init__(**kwargs)
 
 
@@ -70,11 +73,14 @@ class ZerorayPreTrainedModel(PreTrainedModel):
         # transformers ties (and de-duplicates on save) exactly what the module shares.
         self._tied_weights_keys = {f"model.{target}": f"model.{source}" for target, source in tied.items()}
         config.tie_word_embeddings = bool(tied)
+        self.caches = self.model.config.kv_cache_layers > 0
+        if self.caches:  # DynamicCache(config=…) makes one cache layer per hidden layer
+            config.num_hidden_layers = self.model.config.kv_cache_layers
         if self.can_generate():  # the special ids export writes into the config (launcher/export.py)
             for key in ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id"):
                 if getattr(config, key, None) is not None:
                     setattr(self.generation_config, key, getattr(config, key))
-            self.generation_config.use_cache = False
+            self.generation_config.use_cache = self.caches
         self.post_init()
 
     def _init_weights(self, module) -> None:
@@ -86,13 +92,14 @@ class ZerorayPreTrainedModel(PreTrainedModel):
     def forward(self, **batch):
         return self.model(**batch)
 
-
-class _NoCache:
-    """Generation for zeroray's modules: never a `Cache`, the whole prefix every step."""
-
-    @classmethod
-    def _supports_default_dynamic_cache(cls) -> bool:
-        return False  # generate() then builds no DynamicCache, even when asked for use_cache=True
+    def _cache(self, past_key_values, use_cache: bool | None):
+        """The cache a forward appends to: generate()'s, or a new one for a direct call (as transformers'
+        decoders do: unless use_cache=False or while training)."""
+        if not self.caches:
+            return None
+        if past_key_values is None and use_cache is not False and not self.training:
+            past_key_values = DynamicCache(config=self.config)
+        return past_key_values
 
 
 class ZerorayForMaskedLM(ZerorayPreTrainedModel):
@@ -121,7 +128,7 @@ class _Encoder(nn.Module):
         return ZerorayEncoderOutput(last_hidden_state=memory, memory_mask=mask)
 
 
-class ZerorayForSeq2SeqLM(_NoCache, ZerorayPreTrainedModel, GenerationMixin):
+class ZerorayForSeq2SeqLM(ZerorayPreTrainedModel, GenerationMixin):
     """input_ids / attention_mask for the encoder, decoder_input_ids and labels for the decoder (labels
     alone: decoder_input_ids are labels shifted right from decoder_start_token_id, as in T5).
     `generate(input_ids)` encodes once and decodes from decoder_start_token_id (Charformer: bytes in,
@@ -132,7 +139,8 @@ class ZerorayForSeq2SeqLM(_NoCache, ZerorayPreTrainedModel, GenerationMixin):
 
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 decoder_input_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                encoder_outputs: ZerorayEncoderOutput | None = None, **kwargs) -> Seq2SeqLMOutput:
+                encoder_outputs: ZerorayEncoderOutput | None = None, past_key_values=None,
+                use_cache: bool | None = None, **kwargs) -> Seq2SeqLMOutput:
         if decoder_input_ids is None:
             if labels is None:
                 raise ValueError("give decoder_input_ids or labels (the decoder's input is needed)")
@@ -141,8 +149,15 @@ class ZerorayForSeq2SeqLM(_NoCache, ZerorayPreTrainedModel, GenerationMixin):
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids,
                              labels=labels)
             return Seq2SeqLMOutput(loss=out.loss, logits=out.logits)
-        logits = self.model.decode(decoder_input_ids, encoder_outputs.last_hidden_state, encoder_outputs.memory_mask)
-        return Seq2SeqLMOutput(loss=self.model.loss(logits, labels), logits=logits,
+        cache = self._cache(past_key_values, use_cache)
+        if self.caches and cache is not None and not isinstance(cache, EncoderDecoderCache):
+            cache = EncoderDecoderCache(cache, DynamicCache())  # the cross-attention part stays empty
+        memory, memory_mask = encoder_outputs.last_hidden_state, encoder_outputs.memory_mask
+        if cache is None:
+            logits = self.model.decode(decoder_input_ids, memory, memory_mask)
+        else:
+            logits = self.model.decode(decoder_input_ids, memory, memory_mask, cache=cache.self_attention_cache)
+        return Seq2SeqLMOutput(loss=self.model.loss(logits, labels), logits=logits, past_key_values=cache,
                                encoder_last_hidden_state=encoder_outputs.last_hidden_state)
 
     def _shift_right(self, labels: torch.Tensor) -> torch.Tensor:
@@ -154,33 +169,41 @@ class ZerorayForSeq2SeqLM(_NoCache, ZerorayPreTrainedModel, GenerationMixin):
                                    is not None else start)
 
     def prepare_inputs_for_generation(self, input_ids: torch.Tensor, encoder_outputs=None, attention_mask=None,
-                                      **kwargs) -> dict:
-        return {"decoder_input_ids": input_ids, "encoder_outputs": encoder_outputs, "attention_mask": attention_mask}
+                                      past_key_values=None, **kwargs) -> dict:
+        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        return {"decoder_input_ids": input_ids[:, past:], "encoder_outputs": encoder_outputs,
+                "attention_mask": attention_mask, "past_key_values": past_key_values}
 
 
-class ZerorayForCausalLM(_NoCache, ZerorayPreTrainedModel, GenerationMixin):
+class ZerorayForCausalLM(ZerorayPreTrainedModel, GenerationMixin):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None, **kwargs) -> CausalLMOutputWithPast:
+                labels: torch.Tensor | None = None, past_key_values=None, use_cache: bool | None = None,
+                **kwargs) -> CausalLMOutputWithPast:
         """Labels follow `transformers`' convention: the same as input_ids, shifted inside.
 
         attention_mask (1 = token, 0 = padding) is honoured for left padding by the families that mask
         attention by document (llama, hc_llm): padding and text become two segments, and rotary scores
-        depend only on distances, so each row scores as it would alone. Others refuse padding."""
+        depend only on distances, so each row scores as it would alone. Others refuse padding. With a
+        cache, input_ids are the tokens after the cached ones and attention_mask covers both."""
+        cache = self._cache(past_key_values, use_cache)
+        extra = {} if cache is None else {"cache": cache}
         if attention_mask is not None and not bool(attention_mask.all()):
             if not self.model.config.supports_segment_ids:
                 raise ValueError(f"model {self.model.config.name} cannot mask padding; generate one unpadded "
                                  f"prompt at a time (or prompts of one length)")
-            out = self.model(input_ids, segment_ids=attention_mask.long())
+            out = self.model(input_ids, segment_ids=attention_mask.long(), **extra)
         else:
-            out = self.model(input_ids)
+            out = self.model(input_ids, **extra)
         loss = None
         if labels is not None:
             logits = out.logits[:, :-1].float()
             loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
-        return CausalLMOutputWithPast(loss=loss, logits=out.logits)
+        return CausalLMOutputWithPast(loss=loss, logits=out.logits, past_key_values=cache)
 
-    def prepare_inputs_for_generation(self, input_ids: torch.Tensor, attention_mask=None, **kwargs) -> dict:
-        return {"input_ids": input_ids, "attention_mask": attention_mask}  # the whole prefix: no cache
+    def prepare_inputs_for_generation(self, input_ids: torch.Tensor, attention_mask=None, past_key_values=None,
+                                      **kwargs) -> dict:
+        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        return {"input_ids": input_ids[:, past:], "attention_mask": attention_mask, "past_key_values": past_key_values}
 
 
 WRAPPERS = {"causal": (ZerorayForCausalLM, AutoModelForCausalLM),

@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from models.family import FamilyConfig, ModelFamily
-from models.layers.attention import Attention, document_causal_mask
+from models.layers.attention import Attention, KVCache, document_causal_mask
 from models.layers.hyper_connections import HyperConnection, build_connection, mixing_statistics
 from models.layers.mlp import SwiGLU, swiglu_hidden_size
 from models.layers.moe import MoEConfig, MoELayer, collect_routing, load_statistics
@@ -58,6 +58,10 @@ class LlamaConfig(FamilyConfig):
         if self.n_heads % self.kv_heads:
             raise ValueError(f"n_heads ({self.n_heads}) must be divisible by n_kv_heads ({self.kv_heads})")
         return self
+
+    @property
+    def kv_cache_layers(self) -> int:
+        return self.cacheable(self.n_layers)
 
     @property
     def kv_heads(self) -> int:
@@ -111,12 +115,14 @@ class Block(nn.Module):
                 build_connection(cfg.connection, cfg.d_model, cfg.hc_rate, k, cfg.dynamic, cfg.sinkhorn_iters)
                 for k in (2 * index, 2 * index + 1))
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, cache: KVCache | None = None,
+                layer_idx: int = 0) -> torch.Tensor:
         if not self.hyper:
-            x = x + self.attn(self.attn_norm(x), attn_mask=attn_mask)
+            x = x + self.attn(self.attn_norm(x), attn_mask=attn_mask, cache=cache, layer_idx=layer_idx)
             return x + self.mlp(self.mlp_norm(x))
         h, carried, beta = self.hc_attn(x)  # a module call: ZeRO-3 gathers its parameters
-        x = HyperConnection.depth(self.attn(self.attn_norm(h), attn_mask=attn_mask), carried, beta)
+        x = HyperConnection.depth(self.attn(self.attn_norm(h), attn_mask=attn_mask, cache=cache, layer_idx=layer_idx),
+                                  carried, beta)
         h, carried, beta = self.hc_mlp(x)
         return HyperConnection.depth(self.mlp(self.mlp_norm(h)), carried, beta)
 
@@ -146,17 +152,24 @@ class LlamaModel(ModelFamily):
         self.activation_checkpointing = True
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
-                segment_ids: torch.Tensor | None = None) -> ModelOutput:
+                segment_ids: torch.Tensor | None = None, cache: KVCache | None = None) -> ModelOutput:
         """`segment_ids` [batch, seq]: tokens of one packed document share an id; each token then
-        attends only to earlier tokens of its own document (None: plain causal attention)."""
-        if input_ids.shape[1] > self.config.max_seq_len:
-            raise ValueError(f"sequence of {input_ids.shape[1]} tokens exceeds model.max_seq_len {self.config.max_seq_len}")
+        attends only to earlier tokens of its own document (None: plain causal attention).
+        `cache` (decoding): input_ids are the tokens after the cached ones, whose keys and values each
+        layer appends to the cache; segment_ids then cover the cached tokens too [batch, past + seq].
+        Every other part of the network (hyper-connections, MoE routing) works per token, so the
+        logits are those of the whole sequence's forward at the new positions."""
+        past = cache.get_seq_length(0) if cache is not None else 0
+        if past + input_ids.shape[1] > self.config.max_seq_len:
+            raise ValueError(f"sequence of {past + input_ids.shape[1]} tokens exceeds model.max_seq_len "
+                             f"{self.config.max_seq_len}")
         mask = None
         if segment_ids is not None:
-            if segment_ids.shape != input_ids.shape or segment_ids.is_floating_point():
-                raise ValueError(f"segment_ids must be integer ids shaped like input_ids {tuple(input_ids.shape)}, "
-                                 f"got {segment_ids.dtype} {tuple(segment_ids.shape)}")
-            mask = document_causal_mask(segment_ids)  # built once, shared by every layer
+            expected = (input_ids.shape[0], past + input_ids.shape[1])
+            if tuple(segment_ids.shape) != expected or segment_ids.is_floating_point():
+                raise ValueError(f"segment_ids must be integer ids shaped {expected} (the cached tokens and "
+                                 f"input_ids), got {segment_ids.dtype} {tuple(segment_ids.shape)}")
+            mask = document_causal_mask(segment_ids)[:, :, past:]  # built once, shared by every layer
         hyper = self.hyper_connections
         for layer in (*self.moe_layers, *hyper):
             layer.reset()
@@ -164,12 +177,12 @@ class LlamaModel(ModelFamily):
         rate = self.config.hc_rate
         if rate:  # the embedding is copied into the n streams
             x = x.unsqueeze(-2).expand(*x.shape[:-1], rate, x.shape[-1])
-        for block in self.blocks:
+        for i, block in enumerate(self.blocks):
             if self.activation_checkpointing and self.training:
                 # Non-reentrant: works with ZeRO-2/3 hooks and with inputs that need no gradient.
                 x = checkpoint(block, x, mask, use_reentrant=False)
             else:
-                x = block(x, mask)
+                x = block(x, mask, cache, i)
         if rate:  # the streams are summed (in fp32, without an fp32 copy of them) before the final norm
             x = x.sum(-2, dtype=torch.float32).to(self.embed.weight.dtype)
         logits = self.lm_head(self.norm(x))

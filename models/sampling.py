@@ -1,7 +1,9 @@
 """Decoding with zeroray's own modules: greedy, temperature and nucleus (top-p) sampling.
 
-No KV cache: every step runs the module's forward over the whole prefix, as the remote-code
-`transformers` wrappers do (models/hf.py). The draws are made as `transformers` makes them —
+Models whose config has `kv_cache_layers` decode with a key/value cache (`transformers`' DynamicCache,
+which the layers take as it is): the prompt once, then one token per step. A prefix that outgrows the
+module's max_seq_len is cut to its last max_seq_len tokens, and from then on every step runs the whole
+window (rotary positions of a cut window are not those of the cache). The draws are made as `transformers` makes them —
 logits / temperature, then top-p filtering as its TopPLogitsWarper (the smallest set of tokens whose
 probability reaches top_p, at least one), then one multinomial draw — from a torch.Generator seeded
 with `seed`, so the same seed decodes the same text on every run (and, on the CPU, the text
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from transformers import DynamicCache
 
 
 def filtered_logits(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
@@ -63,9 +66,13 @@ def generate(module: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, te
     limit = getattr(module.config, "max_seq_len", None)
     generator = _generator(seed, input_ids.device)
     ids, done = input_ids, torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    cache = DynamicCache() if getattr(module.config, "kv_cache_layers", 0) else None
     for _ in range(max_new_tokens):
-        window = ids if limit is None else ids[:, -limit:]
-        new = next_tokens(module(window).logits[:, -1], temperature, top_p, generator)
+        if cache is not None and (limit is None or ids.shape[1] <= limit):
+            logits = module(ids[:, cache.get_seq_length():], cache=cache).logits
+        else:
+            logits = module(ids if limit is None else ids[:, -limit:]).logits
+        new = next_tokens(logits[:, -1], temperature, top_p, generator)
         new, done = _finish(new, done, eos_id, pad_id)
         ids = torch.cat([ids, new[:, None]], dim=1)
         if bool(done.all()):
@@ -78,14 +85,20 @@ def generate_seq2seq(module: nn.Module, input_ids: torch.Tensor, attention_mask:
                      start_id: int, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
                      seed: int | None = None, eos_id: int | None = None, pad_id: int | None = None) -> torch.Tensor:
     """An encoder–decoder module (`encode`, `decode`: Charformer) — the encoder runs once, the decoder
-    from `start_id` → decoder ids [batch, 1 + n], starting with start_id."""
+    from `start_id` (with a cache of its self-attention when the family has one) → decoder ids
+    [batch, 1 + n], starting with start_id."""
     limit = getattr(module.config, "max_seq_len", None)
     generator = _generator(seed, input_ids.device)
     memory, memory_mask = module.encode(input_ids, attention_mask)
     ids = torch.full((input_ids.shape[0], 1), start_id, dtype=torch.long, device=input_ids.device)
     done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    cache = DynamicCache() if getattr(module.config, "kv_cache_layers", 0) else None
     for _ in range(max_new_tokens if limit is None else min(max_new_tokens, limit - 1)):
-        new = next_tokens(module.decode(ids, memory, memory_mask)[:, -1], temperature, top_p, generator)
+        if cache is None:
+            logits = module.decode(ids, memory, memory_mask)
+        else:
+            logits = module.decode(ids[:, cache.get_seq_length():], memory, memory_mask, cache=cache)
+        new = next_tokens(logits[:, -1], temperature, top_p, generator)
         new, done = _finish(new, done, eos_id, pad_id)
         ids = torch.cat([ids, new[:, None]], dim=1)
         if bool(done.all()):

@@ -29,7 +29,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from models.family import FamilyConfig, ModelFamily
-from models.layers.attention import Attention
+from models.layers.attention import Attention, KVCache
 from models.layers.mlp import SwiGLU, swiglu_hidden_size
 from models.layers.moe import MoEConfig, MoELayer, collect_routing, load_statistics
 from models.layers.norms import LayerNorm
@@ -93,6 +93,10 @@ class WideNetDecoderConfig(WideNetConfig):
 
     name: Literal["widenet_decoder"] = Field("widenet_decoder", description="Model family; `zeroray models` lists them.")
 
+    @property
+    def kv_cache_layers(self) -> int:
+        return self.cacheable(self.n_layers)  # one cache layer per depth, shared weights or not
+
 
 class WideNet(ModelFamily):
     """`attn` and the FFN (`moe`, or `mlp` when dense) are single modules used at every depth when
@@ -138,14 +142,21 @@ class WideNet(ModelFamily):
     def enable_activation_checkpointing(self) -> None:
         self.activation_checkpointing = True
 
-    def _layer(self, x: torch.Tensor, depth: int) -> torch.Tensor:
-        x = x + self._at(self.attn, depth)(self.attn_norms[depth](x))
+    def _layer(self, x: torch.Tensor, depth: int, cache: KVCache | None = None) -> torch.Tensor:
+        # The cache's layer is the depth: a shared attention module keeps L layers of keys and values.
+        x = x + self._at(self.attn, depth)(self.attn_norms[depth](x), cache=cache, layer_idx=depth)
         ffn = self._at(self.mlp if self.config.moe is None else self.moe, depth)
         return x + ffn(self.moe_norms[depth](x))
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> ModelOutput:
-        if input_ids.shape[1] > self.config.max_seq_len:
-            raise ValueError(f"sequence of {input_ids.shape[1]} tokens exceeds model.max_seq_len {self.config.max_seq_len}")
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> ModelOutput:
+        """`cache` (the decoder, while decoding): input_ids are the tokens after the cached ones."""
+        if cache is not None and not self.config.causal:
+            raise ValueError("a key/value cache needs the causal decoder (model.name widenet_decoder)")
+        past = cache.get_seq_length(0) if cache is not None else 0
+        if past + input_ids.shape[1] > self.config.max_seq_len:
+            raise ValueError(f"sequence of {past + input_ids.shape[1]} tokens exceeds model.max_seq_len "
+                             f"{self.config.max_seq_len}")
         for layer in self.moe_layers:
             layer.reset()
         x = self.embed(input_ids)
@@ -155,7 +166,7 @@ class WideNet(ModelFamily):
                 # see a gradient computed twice for one partition (DeepSpeed #988).
                 x = checkpoint(self._layer, x, depth, use_reentrant=False)
             else:
-                x = self._layer(x, depth)
+                x = self._layer(x, depth, cache)
         logits = self.lm_head(self.norm(x))
         # Summed over all L uses of the shared MoE (or over the L unshared ones); snapshot before any
         # recomputation can add calls.

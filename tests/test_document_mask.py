@@ -87,5 +87,5 @@ def test_gradients_stay_within_documents_under_bf16_autocast_and_checkpointing(n
 
 def test_segment_ids_of_another_shape_are_refused():
     model = build("llama")
-    with pytest.raises(ValueError, match=r"segment_ids .* shaped like input_ids \(2, 24\)"):
+    with pytest.raises(ValueError, match=r"segment_ids must be integer ids shaped \(2, 24\) .*got torch.int64 \(2, 23\)"):
         model(torch.zeros(2, 24, dtype=torch.long), segment_ids=torch.zeros(2, 23, dtype=torch.long))

@@ -25,12 +25,15 @@ from trainer.evaluation import Evaluator, corpus_metrics, target_bytes, token_by
 from trainer.spec import load_spec
 
 # Every shipped tiny config of a family exported with remote code; WideNet's is an MLM encoder, so its
-# decoder (widenet_decoder, the same network with causal attention) is what generates.
+# decoder (widenet_decoder, the same network with causal attention) is what generates: with its default
+# MoE, which drops tokens by capacity (no KV cache), and dropless (cached).
+WIDENET_DECODER = ["model.name=widenet_decoder", "data.objective={kind: causal}"]
 REMOTE_CODE = {
     "hc_llm": ("hc_llm_tiny.yaml", []),
     "hc_llm_moe": ("hc_llm_moe_tiny.yaml", []),
     "hc_llm_mhc": ("hc_llm_mhc_tiny.yaml", []),
-    "widenet_decoder": ("widenet_tiny.yaml", ["model.name=widenet_decoder", "data.objective={kind: causal}"]),
+    "widenet_decoder": ("widenet_tiny.yaml", WIDENET_DECODER),
+    "widenet_decoder_dropless": ("widenet_tiny.yaml", [*WIDENET_DECODER, "model.moe={capacity_factor: 0}"]),
     "charformer": ("charformer_tiny.yaml", []),
 }
 
@@ -80,7 +83,10 @@ def test_remote_code_export_generates(family, small_corpus, tmp_path):
     out = tmp_path / "hf"
     write_export(spec, ours.state_dict(), out)
     card = (out / "README.md").read_text()
-    assert f"{ours.num_parameters():,}" in card and "without a KV cache" in card and "```yaml" in card
+    cached = spec.model.kv_cache_layers > 0
+    assert cached == (family != "widenet_decoder")
+    assert f"{ours.num_parameters():,}" in card and "```yaml" in card
+    assert ("with a key/value cache" if cached else "without a KV cache") in card
     seq2seq = spec.data.objective.kind == "span_corruption"
     auto = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
     hf = auto.from_pretrained(out, trust_remote_code=True).eval()
@@ -96,6 +102,7 @@ def test_remote_code_export_generates(family, small_corpus, tmp_path):
             torch.testing.assert_close(hf(input_ids=prompt, attention_mask=mask, decoder_input_ids=dec).logits,
                                        ours(prompt, mask, dec).logits, rtol=0, atol=0)
             greedy = hf.generate(prompt, attention_mask=mask, max_new_tokens=20, do_sample=False)
+            uncached = hf.generate(prompt, attention_mask=mask, max_new_tokens=20, do_sample=False, use_cache=False)
             memory, memory_mask = ours.encode(prompt, mask)
             ref = start
             for _ in range(20):
@@ -103,9 +110,15 @@ def test_remote_code_export_generates(family, small_corpus, tmp_path):
         else:
             torch.testing.assert_close(hf(prompt).logits, ours(prompt).logits, rtol=0, atol=0)
             greedy = hf.generate(prompt, max_new_tokens=20, do_sample=False)
+            uncached = hf.generate(prompt, max_new_tokens=20, do_sample=False, use_cache=False)
             ref = greedy_loop(ours, prompt, 20)
+    assert gen.use_cache == cached
     assert greedy.shape[1] > (1 if seq2seq else 8)
     assert torch.equal(greedy, until_eos(greedy, ref, gen.eos_token_id, gen.pad_token_id))
+    assert torch.equal(greedy, uncached), "with and without the key/value cache"
+    if cached and not seq2seq:  # the wrapper's forward fills the cache it is given or makes
+        with torch.no_grad():
+            assert hf(prompt, use_cache=True).past_key_values.get_seq_length() == prompt.shape[1]
 
     # Sampling: a seed gives the same draws, and the same as models.sampling (zeroray sample) draws.
     def sampled(seed):

@@ -73,6 +73,41 @@ def test_segment_id_support_is_what_forward_takes(family):
         assert not torch.allclose(whole[:, 8:], split[:, 8:])
 
 
+def test_a_declared_kv_cache_decodes_to_the_whole_sequences_logits(family):
+    """A model whose config has kv_cache_layers decodes in pieces (a prompt, one token, the rest) with
+    transformers' DynamicCache to the logits of one forward over the whole sequence, and the cache holds
+    that many layers. An MoE that drops tokens by capacity declares none; dropless, it does."""
+    from transformers import DynamicCache
+
+    spec, model, batch = family
+    cfg = spec.model
+    moe = cfg.moe_config
+    if moe is not None and moe.capacity_factor > 0:
+        assert cfg.kv_cache_layers == 0, "capacity drops depend on the whole sequence"
+        cfg = cfg.model_copy(update={"moe": moe.model_copy(update={"capacity_factor": 0.0})})
+        torch.manual_seed(0)
+        model = models.build(cfg)
+    if not cfg.kv_cache_layers:
+        return  # (the widenet encoder: its class is the decoder's, whose forward takes a cache)
+    seq2seq = hasattr(model, "decode")
+    assert "cache" in inspect.signature(model.decode if seq2seq else model.forward).parameters
+    model.eval()
+    cache = DynamicCache()
+    with torch.no_grad():
+        if seq2seq:
+            ids = batch["decoder_input_ids"][:2, :12]
+            mask = batch.get("attention_mask")
+            memory, memory_mask = model.encode(batch["input_ids"][:2], None if mask is None else mask[:2])
+            whole = model.decode(ids, memory, memory_mask)
+            pieces = [model.decode(part, memory, memory_mask, cache=cache) for part in (ids[:, :5], ids[:, 5:6], ids[:, 6:])]
+        else:
+            ids = batch["input_ids"][:2, :12]
+            whole = model(ids).logits
+            pieces = [model(part, cache=cache).logits for part in (ids[:, :5], ids[:, 5:6], ids[:, 6:])]
+    torch.testing.assert_close(torch.cat(pieces, dim=1), whole, rtol=1e-4, atol=1e-5)
+    assert len(cache.layers) == cfg.kv_cache_layers and cache.get_seq_length() == ids.shape[1]
+
+
 def test_activation_checkpointing_is_declared_truthfully(family):
     spec, model, batch = family
     if not type(spec.model).supports_activation_checkpointing:
