@@ -19,7 +19,7 @@ def add_commands(sub) -> None:
         description="Continue a prompt with a run's model: greedy (--temperature 0) or temperature and nucleus "
         "(top-p) sampling, reproducible with --seed. Decoder models continue the text as a new document; "
         "encoder–decoder models (Charformer, span corruption) fill in the span after the prompt. Decodes "
-        "without a KV cache (the whole prefix each step).",
+        "with a key/value cache (except an MoE that drops tokens by capacity: the whole prefix each step).",
     )
     sample.add_argument("target", metavar="RUN|CHECKPOINT", help=TARGET_HELP)
     sample.add_argument("--prompt", required=True, help="text to continue")
@@ -49,49 +49,9 @@ def add_commands(sub) -> None:
     ev.add_argument("--json", action="store_true", help="print JSON instead of lines")
 
 
-def sample_texts(module, spec, prompt: str, max_new_tokens: int, temperature: float, top_p: float,
-                 seed: int, num_samples: int = 1) -> list[dict]:
-    """Continuations of `prompt` by a checkpoint's module: [{"text", "ids"}] (the new text only)."""
-    import torch
-
-    from data_pipelines.tokenizer import load_tokenizer
-    from models.sampling import generate, generate_seq2seq
-    from trainer.errors import ZerorayError
-
-    kind = spec.data.objective.kind
-    if kind not in ("causal", "span_corruption"):
-        raise ZerorayError(f"model {spec.model.name} trains on {kind}: it fills in masked tokens and does not "
-                           f"generate text; `zeroray eval` scores it")
-    if max_new_tokens < 1 or num_samples < 1:
-        raise ZerorayError("--max-new-tokens and --num-samples must be at least 1")
-    if temperature < 0 or not 0 < top_p <= 1:
-        raise ZerorayError(f"--temperature must be ≥ 0 and --top-p in (0, 1]; got {temperature} and {top_p}")
-    tokenizer = load_tokenizer(spec.data.tokenizer)
-    tokens = tokenizer.encode_batch([prompt])[0]
-    eos, vocab = tokenizer.eos_id, tokenizer.vocab_size
-    out = []
-    for k in range(num_samples):
-        if kind == "causal":  # a new document: documents are packed after an end-of-document token
-            ids = torch.tensor([[eos, *tokens]])
-            new = generate(module, ids, max_new_tokens, temperature, top_p, seed + k, eos_id=eos)[0, ids.shape[1]:]
-            kept = new.tolist()
-            kept = kept[: kept.index(eos)] if eos in kept else kept
-        else:  # span corruption: the prompt, then one sentinel for the span to fill, then the end token
-            sentinel = vocab + 2
-            limit = spec.model.max_seq_len - 2
-            ids = torch.tensor([[*tokens[-limit:], sentinel, eos]])
-            new = generate_seq2seq(module, ids, None, start_id=vocab, max_new_tokens=max_new_tokens + 1,
-                                   temperature=temperature, top_p=top_p, seed=seed + k, eos_id=eos)[0, 1:]
-            kept = new.tolist()
-            kept = kept[1:] if kept and kept[0] == sentinel else kept  # the decoder names the span first
-            stop = next((i for i, t in enumerate(kept) if t == eos or t >= vocab), len(kept))
-            kept = kept[:stop][:max_new_tokens]
-        out.append({"text": tokenizer.decode(kept), "ids": kept})
-    return out
-
-
 def cmd_sample(args) -> int:
     from launcher.export import load_module
+    from trainer.samples import sample_texts
 
     module, found = load_module(args.target, args.step)
     samples = sample_texts(module, found.spec, args.prompt, args.max_new_tokens, args.temperature, args.top_p,

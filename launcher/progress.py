@@ -2,7 +2,8 @@
 
 A tqdm bar on a terminal; otherwise one plain, parseable line of key=value pairs at most every
 `interval_s` (CI logs, nohup): `step=120/300 loss=4.1234 lr=0.003 tokens_per_s=12345 mfu=0.0412 eta_s=80`,
-with `eval/loss=…` on evaluation steps; mfu and eval/loss appear only when the record has them.
+with `eval/loss=…` on evaluation steps; mfu and eval/loss appear only when the record has them. On
+evaluation steps with eval.sample_prompts, one `step N sample: 'prompt' → 'text'` line per prompt.
 """
 
 from __future__ import annotations
@@ -89,6 +90,12 @@ class Progress:
                 sink(rec)
 
     def _show(self, rec: dict) -> None:
+        for s in rec.get("eval/samples") or ():  # eval.sample_prompts: one line each, on every evaluation
+            line = f"step {rec['step']} sample: {s['prompt']!r} → {s['text']!r}"
+            if self._bar is None:
+                print(line, file=self.stream, flush=True)
+            else:
+                self._bar.write(line, file=self.stream)
         if self._bar is not None:
             self._bar.n = rec["step"]
             shown = {"loss": f"{rec['loss']:.4f}", "tok_s": f"{rec['tokens_per_s']:.0f}"}

@@ -42,6 +42,14 @@ def scalars(record: dict) -> dict[str, float]:
     return out
 
 
+def samples_text(record: dict) -> str | None:
+    """The record's continuations of eval.sample_prompts as Markdown (the prompt in bold), or None."""
+    samples = record.get("eval/samples")
+    if not samples:
+        return None
+    return "\n\n".join(f"**{s['prompt']}**{s['text']}" for s in samples)
+
+
 def spec_params(spec: RunSpec) -> dict[str, str | int | float | bool | None]:
     """The spec flattened to dotted keys (`trainer.lr`), for trackers' parameter tables. Storage
     options are left out: they may hold credentials, and trackers upload what they get."""
@@ -69,6 +77,8 @@ class TensorBoardSink:
     def __call__(self, record: dict) -> None:
         for name, value in scalars(record).items():
             self.writer.add_scalar(name, value, record["step"])
+        if (text := samples_text(record)) is not None:
+            self.writer.add_text("eval/samples", text, record["step"])
 
     def close(self) -> None:
         self.writer.close()
@@ -81,6 +91,7 @@ class WandbSink:
     def __init__(self, spec: RunSpec, run: RunDir, run_id: str | None):
         import wandb
 
+        self.table = wandb.Table
         self.run = wandb.init(
             mode=os.environ.get("WANDB_MODE") or "offline",
             dir=str(run.root),
@@ -96,7 +107,11 @@ class WandbSink:
         self.id = self.run.id
 
     def __call__(self, record: dict) -> None:
-        self.run.log(scalars(record), step=record["step"])
+        data: dict = scalars(record)
+        if record.get("eval/samples"):
+            data["eval/samples"] = self.table(columns=["prompt", "text"],
+                                              data=[[s["prompt"], s["text"]] for s in record["eval/samples"]])
+        self.run.log(data, step=record["step"])
 
     def close(self) -> None:
         self.run.finish()
@@ -146,6 +161,8 @@ class MlflowSink:
         now = int(record.get("time", time.time()) * 1000)
         metrics = [Metric(_MLFLOW_KEY.sub("_", k), float(v), now, record["step"]) for k, v in scalars(record).items()]
         self.client.log_batch(self.id, metrics=metrics)
+        if (text := samples_text(record)) is not None:
+            self.client.log_text(self.id, text, f"samples/step_{record['step']:08d}.md")
 
     def close(self) -> None:
         self.client.set_terminated(self.id)

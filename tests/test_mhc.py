@@ -375,15 +375,22 @@ def perturbed_model(cfg):
 @pytest.mark.slow
 def test_mhc_trains_under_zero3_and_exports(ray_local, tiny_config, tmp_path):
     """2 workers, ZeRO-3 (every connection's φ, α, b partitioned and gathered for its call), the mHC
-    statistics in the metrics, and the remote-code export giving the trained model's logits."""
+    statistics in the metrics, text samples of two prompts at each evaluation (every rank decodes them
+    with the KV cache: ZeRO-3 gathers the weights of each forward), and the remote-code export giving the
+    trained model's logits."""
     from tests.export_check import check_export
     from tests.test_train_families import falls, train
 
     recs, result = train(tiny_config, [
         "model={name: hc_llm, connection: mhc, rate: 4, d_model: 64, n_layers: 2, n_heads: 4, max_seq_len: 64}",
         "trainer.zero_stage=3", "trainer.max_steps=16", "trainer.checkpoint_every=0", "output.name=mhc-zero3",
+        'eval.sample_prompts=["From: ", "def "]', "eval.sample_tokens=6", "eval.every=8",
     ])
     assert falls(recs, 0.3), [r["loss"] for r in recs]
+    sampled = {r["step"]: r["eval/samples"] for r in recs if "eval/samples" in r}
+    assert sorted(sampled) == [8, 16], sorted(sampled)
+    for samples in sampled.values():
+        assert [s["prompt"] for s in samples] == ["From: ", "def "] and all(isinstance(s["text"], str) for s in samples)
     for r in recs:
         assert r["hc/res_row_error_mean"] < 1e-5 and r["hc/res_col_error_mean"] < 1e-2
         assert len(r["hc/composite_gain_backward_per_connection_mean"]) == 4

@@ -32,7 +32,8 @@ def records(n: int = 3) -> list[dict]:
                     "grad_norm": None, "tokens_per_s": 1000.0 + step, "mfu": 0.01 * step,
                     "memory/peak_gb": [1.5, 1.25 + step], "moe/tokens_per_expert": [3, 5], "max_steps": n,
                     "time": 1.7e9 + step, "precision": "bf16"})
-    out[-1].update({"eval/loss": 4.25, "eval/perplexity": math.exp(4.25)})
+    out[-1].update({"eval/loss": 4.25, "eval/perplexity": math.exp(4.25),
+                    "eval/samples": [{"prompt": "From: ", "text": "alice@example.org"}, {"prompt": "def ", "text": "f():"}]})
     return out
 
 
@@ -55,8 +56,14 @@ def test_held_out_windows_are_dealt_round_robin_and_fixed(tiny_config, small_cor
 
 
 def test_eval_settings_are_checked(tiny_config, small_corpus, tmp_path):
-    with pytest.raises(SpecError, match=r"eval.every=5 but eval.sources is empty"):
+    with pytest.raises(SpecError, match=r"eval.every=5 but eval.sources and eval.sample_prompts are empty"):
         load_spec(tiny_config, ["eval.every=5"])
+    prompts = load_spec(tiny_config, ["eval.every=5", "eval.sample_prompts=[hello]"]).eval  # samples alone
+    assert prompts.due(5, last=False) and not prompts.due(6, last=False) and prompts.due(6, last=True)
+    assert not load_spec(tiny_config).eval.due(12, last=True), "nothing to evaluate"
+    with pytest.raises(SpecError, match=r"eval.sample_prompts: model 'widenet' trains on mlm and does not generate"):
+        load_spec(tiny_config, ["model={name: widenet, d_model: 64, n_layers: 2, n_heads: 4, max_seq_len: 64}",
+                                "data.objective={kind: mlm}", "eval.sample_prompts=[hello]"])
     with pytest.raises(SpecError, match=r"output.trackers.0: .*'tensorboard', 'wandb' or 'mlflow'"):
         load_spec(tiny_config, ["output.trackers=[tensorbord]"])
     missing = load_spec(tiny_config, [f"eval.sources=[{{path: {tmp_path / 'nope'}}}]"])
@@ -89,6 +96,19 @@ def test_progress_line_stays_key_value_pairs():
     assert pairs == {"step": "3/10", "loss": "4.5000", "lr": "0.001", "tokens_per_s": "1234", "mfu": "0.0123",
                      "eval/loss": "4.2500", "eta_s": "4"}
     assert "mfu" not in format_line({**rec, "mfu": None}) and "eval" not in format_line(rec | {"eval/loss": None})
+
+
+def test_progress_shows_each_sample_on_a_line_of_its_own(tmp_path):
+    import io
+
+    from launcher.progress import Progress
+
+    metrics, out = tmp_path / "metrics.jsonl", io.StringIO()
+    with Progress(metrics, 0, 3, interval_s=0, stream=out):
+        metrics.write_text("".join(json.dumps({**r, "step_time_s": 0.5}) + "\n" for r in records()))
+    lines = out.getvalue().splitlines()
+    assert lines[-3:-1] == ["step 3 sample: 'From: ' → 'alice@example.org'", "step 3 sample: 'def ' → 'f():'"]
+    assert lines[-1].startswith("step=3/3 ") and not any("sample" in line for line in lines[:-3])
 
 
 def wandb_history(run_file) -> tuple[dict, list[dict]]:
@@ -140,6 +160,8 @@ def test_wandb_and_mlflow_receive_every_record(tiny_config, tmp_path, monkeypatc
     assert [row["_step"] for row in rows] == [1, 2, 3]
     for row, exp in zip(rows, expected, strict=True):
         assert {k: row[k] for k in exp} == pytest.approx(exp)
+    assert rows[-1]["eval/samples/_type"] == "table-file" and rows[-1]["eval/samples/nrows"] == 2  # a W&B table
+    assert "eval/samples/_type" not in rows[0]
 
     # MLflow: the file store in the run directory, read back with MLflow's client.
     client = MlflowClient(tracking_uri=f"file:{run.root / 'mlruns'}")
@@ -154,6 +176,10 @@ def test_wandb_and_mlflow_receive_every_record(tiny_config, tmp_path, monkeypatc
         assert history == pytest.approx({r["step"]: e[name] for r, e in zip(sent, expected, strict=True)
                                          if name in e}), name
     assert [m.step for m in client.get_metric_history(ids["mlflow"], "eval/loss")] == [3]
+    (artifact,) = [a.path for a in client.list_artifacts(ids["mlflow"], "samples")]
+    assert artifact == "samples/step_00000003.md"
+    text = (run.root / "mlruns").glob(f"*/{ids['mlflow']}/artifacts/{artifact}")
+    assert next(text).read_text() == "**From: **alice@example.org\n\n**def **f():"
 
     # A relaunch of the run directory continues the same MLflow and W&B runs.
     again = open_trackers(spec, run)
@@ -189,3 +215,4 @@ def test_a_failing_tracker_is_dropped_and_the_others_go_on(tmp_path, caplog):
     assert [step for step, _ in written["loss"]] == [1, 2, 3]
     assert [step for step, _ in written["eval/loss"]] == [3]
     assert [v for _, v in written["memory/peak_gb/1"]] == pytest.approx([2.25, 3.25, 4.25])
+    assert [step for step, _ in written["eval/samples/text_summary"]] == [3], "the samples as a text summary"

@@ -45,15 +45,26 @@ class EvalConfig(BaseModel):
         4, ge=1, description="Micro-batches (trainer.micro_batch_size rows) each rank evaluates; every evaluation "
         "reads the same first windows of the held-out data."
     )
+    sample_prompts: tuple[str, ...] = Field(
+        (), description="Prompts the model continues at every evaluation (greedy, as `zeroray sample "
+        "--temperature 0`; decoder and encoder–decoder models), to watch a run learn: the texts go into the "
+        "metrics record (`eval/samples`) and the trackers (TensorBoard text, a W&B table, MLflow artifacts). "
+        "Empty = none."
+    )
+    sample_tokens: int = Field(32, ge=1, le=1024, description="Tokens generated for each of eval.sample_prompts.")
 
     @model_validator(mode="after")
     def _has_data(self) -> EvalConfig:
-        if self.every and not self.sources:
+        if self.every and not self.sources and not self.sample_prompts:
             raise ValueError(
-                f"eval.every={self.every} but eval.sources is empty: add the held-out data, e.g. "
-                f"eval.sources=[{{path: data/stdlib/val}}], or drop eval.every"
+                f"eval.every={self.every} but eval.sources and eval.sample_prompts are empty: add the held-out "
+                f"data, e.g. eval.sources=[{{path: data/stdlib/val}}], or drop eval.every"
             )
         return self
+
+    def due(self, step: int, last: bool) -> bool:
+        """Evaluation steps: every `every` steps and after the last one (none without sources or prompts)."""
+        return bool(self.sources or self.sample_prompts) and (last or bool(self.every and step % self.every == 0))
 
 
 def held_out_batches(spec: RunSpec, rank: int, world: int) -> list[dict[str, torch.Tensor]]:
@@ -173,15 +184,11 @@ def corpus_metrics(module: torch.nn.Module, spec: RunSpec, path: str, batch_size
 
 class Evaluator:
     def __init__(self, spec: RunSpec, rank: int, world: int, device: torch.device):
-        self.every = spec.eval.every
         # A few small tensors: kept on the device for the life of the run.
         self.batches = [{k: v.to(device) for k, v in b.items()} for b in held_out_batches(spec, rank, world)]
         # The batches are the same at every evaluation: their bytes are counted once.
         lengths = token_byte_lengths(spec.data.tokenizer, spec.model.vocab_size)
         self.bytes = float(sum(target_bytes(b["labels"].cpu(), lengths) for b in self.batches))
-
-    def due(self, step: int, last: bool) -> bool:
-        return last or bool(self.every and step % self.every == 0)
 
     def sums(self, engine) -> dict[str, torch.Tensor]:
         """This rank's token-weighted loss sum and token count (to be summed over ranks: `metrics`).

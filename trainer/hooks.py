@@ -19,13 +19,14 @@ from trainer.evaluation import Evaluator
 from trainer.hook_base import CheckpointCallback, StepEnd, StepHook
 from trainer.metrics import StepMetrics
 from trainer.preemption import NOTICE_POLL_S, NoticeSource, StopAgreement
+from trainer.samples import prompt_samples
 
 __all__ = ["CheckpointCallback", "StepEnd", "StepHook", "default_hooks"]
 
 
 class Metrics(StepHook):
-    """Throughput, losses and the model's statistics; the held-out loss on evaluation steps. Rank 0
-    appends the record to metrics.jsonl."""
+    """Throughput, losses and the model's statistics; on evaluation steps the held-out loss and the
+    continuations of eval.sample_prompts. Rank 0 appends the record to metrics.jsonl."""
 
     def __init__(self, t: Training, started: float):
         spec = t.spec
@@ -38,10 +39,12 @@ class Metrics(StepHook):
 
     def step_end(self, t: Training, end: StepEnd) -> None:
         self.meter.step_done()
-        evaluate = self.evaluator is not None and self.evaluator.due(end.step, end.last)
+        evaluate = t.spec.eval.due(end.step, end.last)
         if self.meter.due(end.step) or evaluate:
-            end.record = self.last_record = self.meter.record(
-                end.step, t.engine, t.scheduler, t.data, self.evaluator if evaluate else None)
+            record = self.meter.record(end.step, t.engine, t.scheduler, t.data, self.evaluator if evaluate else None)
+            if evaluate and t.spec.eval.sample_prompts:  # every rank decodes: under ZeRO-3 each forward gathers
+                record["eval/samples"] = prompt_samples(t.engine.module, t.spec)
+            end.record = self.last_record = record
             if t.rank == 0:
                 with open(t.run.metrics, "a") as f:
                     f.write(json.dumps(end.record) + "\n")

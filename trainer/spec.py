@@ -75,6 +75,11 @@ class RunSpec(BaseModel):
                 f"data.document_mask: model {self.model.name!r} cannot mask attention by document (llama and "
                 f"hc_llm can); set data.document_mask=false"
             )
+        if self.eval.sample_prompts and self.data.objective.kind not in ("causal", "span_corruption"):
+            raise ValueError(
+                f"eval.sample_prompts: model {self.model.name!r} trains on {self.data.objective.kind} and does not "
+                f"generate text; drop eval.sample_prompts (eval.sources scores it)"
+            )
         self._expert_parallel_fits()
         max_len = self.model.sequence_limit
         if max_len is not None and self.data.seq_len > max_len:
