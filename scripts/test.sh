@@ -4,4 +4,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export PATH="$PWD/.venv/bin:$PATH" RAY_USAGE_STATS_ENABLED=0
-exec python -m pytest tests "$@"
+# Two pytest-xdist workers, one file at a time each (a file's module fixtures are built once);
+# tests/conftest.py hands out the longest files first. `-n 0` after the script runs serially.
+exec python -m pytest tests -n 2 --dist loadfile --no-loadscope-reorder "$@"

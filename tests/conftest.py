@@ -22,6 +22,19 @@ from data_pipelines.prepare import prepare
 
 REPO = Path(__file__).resolve().parent.parent
 
+# The files whose tests take minutes (multi-process Ray/DeepSpeed runs), longest first. scripts/test.sh
+# runs the files on two pytest-xdist workers (--dist loadfile: a file's module fixtures, e.g. the
+# fault tests' reference run, are built once); handing out the longest first keeps one worker from
+# starting test_faults.py when the other is nearly done. Order only: a stale list costs time, not tests.
+LONGEST_FIRST = ("test_faults.py", "test_launchers.py", "test_train_families.py", "test_async_checkpoint.py",
+                 "test_remote_runs.py", "test_trust.py", "test_jobs.py", "test_train_ray.py",
+                 "test_moe_balance.py", "test_expert_parallel.py", "test_mhc.py")
+
+
+def pytest_collection_modifyitems(items: list) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's own order stays
+
 
 @pytest.fixture(scope="session")
 def small_corpus(tmp_path_factory) -> Path:
