@@ -39,8 +39,9 @@ def add_commands(sub) -> None:
     export = sub.add_parser(
         "export", help="write a checkpoint as a folder that transformers loads",
         description="Consolidate a run's checkpoint (any ZeRO stage) into full weights and write a folder that "
-        "transformers opens, with the run's tokenizer (safetensors): llama as LlamaForCausalLM and dropless llama "
-        "MoE as Qwen2MoeForCausalLM (transformers alone), the other families with remote code "
+        "transformers opens, with the run's tokenizer (safetensors): llama as LlamaForCausalLM, dropless llama "
+        "MoE as Qwen2MoeForCausalLM, bert as ElectraForMaskedLM/ElectraForPreTraining, convbert as "
+        "ConvBertForMaskedLM/ConvBertModel (transformers alone), the other families with remote code "
         "(AutoModel….from_pretrained(DIR, trust_remote_code=True), zeroray installed).",
     )
     export.add_argument("run_dir", help="run directory (runs/demo, s3://bucket/runs/demo) or a checkpoint in one")
@@ -117,7 +118,9 @@ def cmd_export(args) -> int:
     if exported["remote_code"]:
         print(f"load it with: AutoModel….from_pretrained({str(out)!r}, trust_remote_code=True) (zeroray installed)")
     else:
-        print(f"load it with transformers alone: AutoModelForCausalLM.from_pretrained({str(out)!r})")
+        from models.hf_native import auto_class_name
+
+        print(f"load it with transformers alone: {auto_class_name(exported['class'])}.from_pretrained({str(out)!r})")
     return 0
 
 

@@ -311,13 +311,17 @@ def special_ids(spec: RunSpec) -> dict[str, int]:
     return ids
 
 
+MLM_PAD_TOKEN, MLM_MASK_TOKEN = "[PAD]", "[MASK]"
+
+
 def write_export(spec: RunSpec, state: dict[str, torch.Tensor], out_dir: Path, found: Located | None = None,
                  overwrite: bool = False) -> dict:
     """Weights (safetensors), config, tokenizer, remote code where needed, zeroray_export.json and the model
     card README.md, written into a fresh sibling folder and moved into place at the end (an export cut short
     leaves no half folder). `found`: the checkpoint and run the weights come from (None: e.g. a model built
     from a config, step 0)."""
-    from models.hf_native import build_native, native_class_name
+    from launcher.model_card import model_card
+    from models.hf_native import GENERATOR_FOLDER, build_native, build_native_generator, native_class_name
 
     out_dir = Path(out_dir)
     _check_target(out_dir, overwrite)
@@ -326,14 +330,19 @@ def write_export(spec: RunSpec, state: dict[str, torch.Tensor], out_dir: Path, f
     native = native_class_name(spec.model)
     ids = special_ids(spec)
     hf_model = build_native(spec.model, state) if native else _remote_code_model(spec, state, step, ids)
+    generator = build_native_generator(spec.model, state) if native else None
     if native:
-        for key, value in ids.items():
-            setattr(hf_model.config, key, value)
-            setattr(hf_model.generation_config, key, value)
+        for model in (hf_model, generator):
+            for key, value in ids.items() if model is not None else ():
+                setattr(model.config, key, value)
+                if getattr(model, "generation_config", None) is not None:  # encoders do not generate
+                    setattr(model.generation_config, key, value)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
     try:
         hf_model.save_pretrained(staging)  # safetensors
+        if generator is not None:
+            generator.save_pretrained(staging / GENERATOR_FOLDER)
         if not native:
             for name, text in REMOTE_CODE.items():
                 (staging / name).write_text(text)
@@ -342,9 +351,17 @@ def write_export(spec: RunSpec, state: dict[str, torch.Tensor], out_dir: Path, f
 
             from data_pipelines.tokenizer import EOS_TOKEN
 
-            PreTrainedTokenizerFast(tokenizer_file=spec.data.tokenizer, eos_token=EOS_TOKEN,
-                                    pad_token=EOS_TOKEN if spec.data.objective.kind == "causal" else None,
-                                    ).save_pretrained(staging)
+            kind = spec.data.objective.kind
+            tokenizer = PreTrainedTokenizerFast(tokenizer_file=spec.data.tokenizer, eos_token=EOS_TOKEN,
+                                                pad_token=EOS_TOKEN if kind == "causal" else None)
+            if kind == "mlm":  # the objective's pad = V and mask = V + 1 (data_pipelines.objectives)
+                vocab = len(tokenizer)
+                tokenizer.add_special_tokens({"pad_token": MLM_PAD_TOKEN})
+                tokenizer.add_special_tokens({"mask_token": MLM_MASK_TOKEN})
+                if (tokenizer.pad_token_id, tokenizer.mask_token_id) != (vocab, vocab + 1):
+                    raise ZerorayError(f"{spec.data.tokenizer}: its ids are not 0…{vocab - 1}, so the "
+                                       f"objective's pad and mask ids ({vocab}, {vocab + 1}) have no token")
+            tokenizer.save_pretrained(staging)
         info = {"run_dir": str(found.run.root) if found and found.run else None,
                 "source": found.location if found else None,
                 "checkpoint": str(found.ckpt.path) if found else None, "step": step,
@@ -380,94 +397,3 @@ def _remote_code_model(spec: RunSpec, state: dict[str, torch.Tensor], step: int,
     hf_model = wrapper(config)
     _load_into(hf_model.model, state, None, spec)
     return hf_model
-
-
-# ---- the model card ---------------------------------------------------------------------------
-
-
-def _at_checkpoint(records: list[dict], key: str, step: int) -> dict | None:
-    """The last record with `key` at or before the checkpoint's step."""
-    found = [r for r in records if isinstance(r.get(key), int | float) and r.get("step", 0) <= step]
-    return found[-1] if found else None
-
-
-def _figure(x: float | None, digits: int = 4) -> str:
-    return "–" if x is None else f"{x:.{digits}f}"
-
-
-def _millions(n: int) -> str:
-    return f"{n / 1e6:.2f}M ({n:,})"
-
-
-def model_card(spec: RunSpec, found: Located | None, info: dict, module: torch.nn.Module | None,
-               folder: Path) -> str:
-    """README.md of an export: architecture, parameters, tokens seen, the losses at the checkpoint (from the
-    run's metrics.jsonl), how to load it, and the resolved spec."""
-    from launcher.runs import read_metrics
-
-    if module is None:
-        with torch.device("meta"):  # counting only
-            module = models.build(spec.model)
-    m, step = spec.model, info["step"]
-    records = read_metrics(found.run) if found and found.run else []
-    train, held_out = _at_checkpoint(records, "loss", step), _at_checkpoint(records, "eval/loss", step)
-    tokens = (train or {}).get("tokens") if train and train.get("step") == step else None
-    tokens = tokens if isinstance(tokens, int | float) else step * spec.tokens_per_step
-    name = spec.output.name or (found.run.root.name if found and found.run else m.name)
-    params, active = module.num_parameters(), module.num_active_parameters()
-    dump = m.model_dump(mode="json")
-    shape = ", ".join(f"{k}={v}" for k, v in dump.items() if k != "name" and v is not None and not isinstance(v, dict))
-    if isinstance(dump.get("moe"), dict):
-        shape += "; moe: " + ", ".join(f"{k}={v}" for k, v in dump["moe"].items() if v is not None)
-    objective = spec.data.objective.kind
-    if info["remote_code"]:
-        auto = {"causal": "AutoModelForCausalLM", "mlm": "AutoModelForMaskedLM",
-                "span_corruption": "AutoModelForSeq2SeqLM"}[objective]
-        load = (f"from transformers import {auto}\n"
-                f"model = {auto}.from_pretrained(\"PATH\", trust_remote_code=True)  # zeroray installed")
-        if objective == "mlm":
-            generation = "A masked language model: no `generate()`."
-        elif m.kv_cache_layers:
-            generation = ("`generate()` (greedy, sampling, beam search) decodes with a key/value cache "
-                          "(transformers' DynamicCache): the prompt once, then one token per step.")
-        else:  # an MoE that drops tokens by capacity (models.family.FamilyConfig.cacheable)
-            generation = ("`generate()` (greedy, sampling, beam search) decodes **without a KV cache**: the MoE "
-                          "drops tokens by capacity, which depends on the whole sequence, so each new token runs "
-                          "the whole prefix again (exact, slower for long outputs).")
-    else:
-        load = ("from transformers import AutoModelForCausalLM, AutoTokenizer\n"
-                "model = AutoModelForCausalLM.from_pretrained(\"PATH\")  # transformers alone\n"
-                "tokenizer = AutoTokenizer.from_pretrained(\"PATH\")")
-        generation = f"`{info['class']}` is transformers' own class: `generate()` uses its KV cache."
-    tokenizer = ("UTF-8 bytes: ids 0–255 are the bytes, 256 ends a document; the objective's pad, mask and "
-                 "sentinels follow (257, 258, 259…)" if spec.data.tokenizer == "bytes"
-                 else f"byte-level BPE (`tokenizer.json`, {Path(spec.data.tokenizer).name} of the run)")
-    rows = [
-        ("model family", f"`{m.name}`: {models.entry(m.name).summary}"),
-        ("shape", shape),
-        ("class", f"`{info['class']}`" + (" (remote code: `trust_remote_code=True`)" if info["remote_code"] else
-                                          " (native transformers class)")),
-        ("parameters", _millions(params) + (f"; active per token {_millions(active)}" if active != params else "")),
-        ("objective", objective),
-        ("tokens seen", f"{int(tokens):,} ({step} steps × {spec.tokens_per_step:,} tokens/step)"),
-        ("checkpoint", f"step {step} of {spec.trainer.max_steps}" + (f" (`{info['checkpoint']}`)" if found else
-                                                                     " (not trained: weights as initialised)")),
-        ("train loss", f"{_figure((train or {}).get('loss'))} (step {train['step']})" if train else "–"),
-        ("eval loss", f"{_figure(held_out['eval/loss'])} (step {held_out['step']}; perplexity "
-                      f"{_figure(held_out.get('eval/perplexity'), 2)}"
-                      + (f", bits per byte {_figure(held_out['eval/bits_per_byte'])}"
-                         if isinstance(held_out.get("eval/bits_per_byte"), int | float) else "") + ")"
-         if held_out else "–"),
-        ("tokenizer", tokenizer),
-        ("precision of the weights", "fp32 (consolidated from the DeepSpeed checkpoint)"),
-    ]
-    files = sorted(p.name for p in folder.iterdir())
-    lines = [
-        "---", "library_name: transformers", f"tags: [zeroray, {m.name}, {objective}]", "---", "",
-        f"# {name}: {m.name}, exported by zeroray", "",
-        "| | |", "|---|---|", *[f"| {k} | {v} |" for k, v in rows], "",
-        "## Load", "", "```python", load, "```", "", generation, "",
-        f"Files: {', '.join(files + ['README.md'])}.", "",
-        "## Resolved run spec", "", "```yaml", spec.to_yaml().rstrip(), "```", "",
-    ]
-    return "\n".join(lines)

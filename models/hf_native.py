@@ -18,9 +18,18 @@ converters) reads it. The mapping is checked by equal logits (tests/test_hf_nati
   (`moe.balance: bias|both`) does not: the bias changes which experts are chosen, and no
   transformers class selects by softmax + bias without renormalising the k weights (Ernie 4.5's
   MoE renormalises, DeepSeek-V3's scores by sigmoid); it exports with remote code.
+- `bert`, `convbert`: zeroray's networks are transformers' ELECTRA and ConvBERT classes
+  (models/convbert.py), so the weights go over under their own names. MLM → `ElectraForMaskedLM` /
+  `ConvBertForMaskedLM`. Replaced-token detection → the discriminator, the model ELECTRA keeps for
+  fine-tuning: `ElectraForPreTraining` (encoder + ELECTRA's replaced-token head, exactly zeroray's) for
+  bert; for convbert `ConvBertModel`, the encoder alone (transformers has no ConvBERT class with a
+  replaced-token head, so that head is left out; `ConvBertFor*.from_pretrained` fine-tunes from it).
+  The generator goes to `generator/` as its own *ForMaskedLM (ELECTRA's releases ship it apart too).
+  One difference, documented: zeroray's ConvBERT zeroes padded positions before its convolutions
+  (models/convbert.py, fix 2); transformers' does not, so the two agree on unpadded input (every
+  packed batch) and differ at the real positions next to padding.
 - `hc_llm`, `widenet`, `charformer` have no `transformers` class: they export with remote code
-  (models/hf.py). `convbert`/`bert` are trained with replaced-token detection, which `transformers`
-  has no ConvBERT head for; they also export with remote code for now.
+  (models/hf.py).
 """
 
 from __future__ import annotations
@@ -28,10 +37,26 @@ from __future__ import annotations
 import torch
 from pydantic import BaseModel
 
+# (family, pretraining) → the class of the exported model (the discriminator under rtd).
+ENCODER_CLASSES = {("bert", "mlm"): "ElectraForMaskedLM", ("bert", "rtd"): "ElectraForPreTraining",
+                   ("convbert", "mlm"): "ConvBertForMaskedLM", ("convbert", "rtd"): "ConvBertModel"}
+GENERATOR_CLASSES = {"bert": "ElectraForMaskedLM", "convbert": "ConvBertForMaskedLM"}
+GENERATOR_FOLDER = "generator"
+
+
+def auto_class_name(class_name: str) -> str:
+    """The `transformers` Auto factory that opens an exported native class."""
+    return {"ElectraForPreTraining": "AutoModelForPreTraining", "ConvBertModel": "AutoModel",
+            "ElectraForMaskedLM": "AutoModelForMaskedLM", "ConvBertForMaskedLM": "AutoModelForMaskedLM",
+            }.get(class_name, "AutoModelForCausalLM")
+
 
 def native_class_name(cfg: BaseModel) -> str | None:
     """The `transformers` class a model config exports to, or None (remote code)."""
-    if getattr(cfg, "name", None) != "llama":
+    name = getattr(cfg, "name", None)
+    if name in GENERATOR_CLASSES:
+        return ENCODER_CLASSES[name, cfg.pretraining]
+    if name != "llama":
         return None
     moe = cfg.moe
     if moe is None:
@@ -70,6 +95,8 @@ def to_native(cfg: BaseModel, state: dict[str, torch.Tensor]):
     name = native_class_name(cfg)
     if name is None:
         raise ValueError(f"model {cfg.name!r} has no native transformers class")
+    if cfg.name in GENERATOR_CLASSES:
+        return cfg.hf_config(), _encoder_weights(cfg, state)
     weights = _attention_and_norms(state, cfg.n_layers)
     if name == "LlamaForCausalLM":
         config = transformers.LlamaConfig(**_common(cfg), intermediate_size=cfg.mlp_hidden,
@@ -106,18 +133,52 @@ def to_native(cfg: BaseModel, state: dict[str, torch.Tensor]):
     return config, weights
 
 
-def build_native(cfg: BaseModel, state: dict[str, torch.Tensor]):
-    """The `transformers` model with zeroray's weights loaded (fp32, eval mode)."""
-    import transformers
+def _encoder_weights(cfg, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The exported model's weights: the MLM model's, or the discriminator's (its head under ELECTRA's
+    names; ConvBertModel has none). zeroray's prefixes: models.convbert.EncoderPretraining."""
+    if cfg.pretraining == "mlm":
+        return _strip(state, "mlm.")
+    base = "electra." if cfg.name == "bert" else ""
+    weights = {base + k: v for k, v in _strip(state, "discriminator.").items()}
+    if cfg.name == "bert":
+        weights.update({"discriminator_predictions." + k: v for k, v in _strip(state, "discriminator_head.").items()})
+    return weights
 
-    config, weights = to_native(cfg, state)
-    model_cls = getattr(transformers, native_class_name(cfg))
+
+def _strip(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+
+
+def _load(model_cls, config, weights: dict[str, torch.Tensor]):
     model = model_cls(config)  # on the CPU, not meta: rotary tables are buffers that are not loaded
     result = model.load_state_dict({k: v.float() for k, v in weights.items()}, strict=False)
-    tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    tied = set(getattr(model, "_tied_weights_keys", None) or {}) if config.tie_word_embeddings else set()
     if result.unexpected_keys or set(result.missing_keys) - tied:
         raise ValueError(f"the {model_cls.__name__} export does not fit: missing {result.missing_keys}, "
                          f"unexpected {result.unexpected_keys}")
     if tied:
         model.tie_weights()
     return model.eval()
+
+
+def build_native(cfg: BaseModel, state: dict[str, torch.Tensor]):
+    """The `transformers` model with zeroray's weights loaded (fp32, eval mode)."""
+    import transformers
+
+    config, weights = to_native(cfg, state)
+    return _load(getattr(transformers, native_class_name(cfg)), config, weights)
+
+
+def build_native_generator(cfg: BaseModel, state: dict[str, torch.Tensor]):
+    """The replaced-token-detection generator as its *ForMaskedLM (fp32, eval mode), or None (no
+    generator: MLM, or not an encoder). Its embedding module is the discriminator's (ELECTRA's sharing),
+    which a consolidated state dict may hold under the discriminator's names only."""
+    import transformers
+
+    if cfg.name not in GENERATOR_CLASSES or cfg.pretraining != "rtd":
+        return None
+    base = "electra." if cfg.name == "bert" else "convbert."
+    weights = _strip(state, "generator.")
+    for name, tensor in _strip(state, "discriminator.embeddings.").items():
+        weights.setdefault(f"{base}embeddings.{name}", tensor)
+    return _load(getattr(transformers, GENERATOR_CLASSES[cfg.name]), cfg.hf_config(generator=True), weights)

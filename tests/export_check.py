@@ -19,6 +19,8 @@ class NoZeroray(importlib.abc.MetaPathFinder):
         if name.split(".")[0] in ("models", "trainer", "launcher", "data_pipelines", "cluster"):
             raise ModuleNotFoundError(f"{name} is zeroray's; a native export must not need it")
 sys.meta_path.insert(0, NoZeroray())
+"""
+WITHOUT_ZERORAY_CAUSAL = WITHOUT_ZERORAY + """
 import torch
 from transformers import AutoModelForCausalLM
 folder, ids_file, out_file = sys.argv[1:]
@@ -39,15 +41,7 @@ def check_native(out_dir: Path, reference, input_ids: torch.Tensor) -> None:
     """The exported folder, loaded by transformers without zeroray, gives zeroray's logits; greedy
     decoding with the KV cache scores every new token as a forward pass without the cache does, and as
     zeroray's own module does (logits compared, not tokens: a near-tie may flip an argmax)."""
-    ids_file, out_file = out_dir / "check_ids.pt", out_dir / "check_out.pt"
-    torch.save(input_ids, ids_file)
-    done = subprocess.run([sys.executable, "-c", WITHOUT_ZERORAY, str(out_dir), str(ids_file), str(out_file)],
-                          capture_output=True, text=True, cwd="/", timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    got = torch.load(out_file)
-    ids_file.unlink(), out_file.unlink()
-    assert got["class"] == json.loads((out_dir / "zeroray_export.json").read_text())["class"], got["class"]
-    assert not list(out_dir.glob("*.py")), f"a native export carries no remote code: {list(out_dir.glob('*.py'))}"
+    got = _run_without_zeroray(WITHOUT_ZERORAY_CAUSAL, out_dir, input_ids)
     sequences, cached = got["sequences"], got["cached_scores"]
     assert sequences.shape[1] == 28
     assert torch.equal(sequences[:, 8:], cached.argmax(-1)), "greedy picks the top score"
@@ -58,9 +52,63 @@ def check_native(out_dir: Path, reference, input_ids: torch.Tensor) -> None:
     torch.testing.assert_close(cached, ours, rtol=1e-4, atol=1e-4)
 
 
+# An encoder export (models.hf_native.ENCODER_CLASSES): its outputs, and its generator's under rtd.
+WITHOUT_ZERORAY_ENCODER = WITHOUT_ZERORAY + """
+import json, pathlib
+import torch
+import transformers
+folder, ids_file, out_file = sys.argv[1:]
+AUTO = {"ElectraForPreTraining": "AutoModelForPreTraining", "ConvBertModel": "AutoModel"}
+name = json.loads(pathlib.Path(folder, "zeroray_export.json").read_text())["class"]
+model = getattr(transformers, AUTO.get(name, "AutoModelForMaskedLM")).from_pretrained(folder).eval()
+ids = torch.load(ids_file)
+with torch.no_grad():
+    out = model(ids)
+    got = {"class": type(model).__name__,
+           "output": out.last_hidden_state if name == "ConvBertModel" else out.logits}
+    if pathlib.Path(folder, "generator").is_dir():
+        generator = transformers.AutoModelForMaskedLM.from_pretrained(pathlib.Path(folder, "generator")).eval()
+        got["generator_class"], got["generator_logits"] = type(generator).__name__, generator(ids).logits
+torch.save(got, out_file)
+"""
+
+
+def _run_without_zeroray(script: str, out_dir: Path, input_ids: torch.Tensor) -> dict:
+    """`script` run on the folder in a fresh interpreter that cannot import zeroray; what it saved. The
+    class it loaded is the one zeroray_export.json names, and the folder has no remote code."""
+    ids_file, out_file = out_dir / "check_ids.pt", out_dir / "check_out.pt"
+    torch.save(input_ids, ids_file)
+    done = subprocess.run([sys.executable, "-c", script, str(out_dir), str(ids_file), str(out_file)],
+                          capture_output=True, text=True, cwd="/", timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = torch.load(out_file)
+    ids_file.unlink(), out_file.unlink()
+    assert got["class"] == json.loads((out_dir / "zeroray_export.json").read_text())["class"], got["class"]
+    assert not list(out_dir.rglob("*.py")), f"a native export carries no remote code: {list(out_dir.rglob('*.py'))}"
+    return got
+
+
+def check_native_encoder(out_dir: Path, reference, input_ids: torch.Tensor) -> None:
+    """A bert/convbert export, loaded by transformers without zeroray, gives zeroray's outputs on unpadded
+    input: the MLM logits, the replaced-token logits (ElectraForPreTraining), the discriminator's hidden
+    states (ConvBertModel); and under rtd the generator folder gives the generator's MLM logits."""
+    got = _run_without_zeroray(WITHOUT_ZERORAY_ENCODER, out_dir, input_ids)
+    with torch.no_grad():
+        if got["class"] == "ConvBertModel":
+            ours = reference.discriminator(input_ids).last_hidden_state
+        else:
+            ours = reference(input_ids).logits  # no labels: rtd gives the discriminator's logits
+        torch.testing.assert_close(got["output"], ours.float(), rtol=1e-4, atol=1e-4)
+        rtd = reference.config.pretraining == "rtd"
+        assert ("generator_logits" in got) == rtd, sorted(got)
+        if rtd:
+            torch.testing.assert_close(got["generator_logits"], reference.generator(input_ids).logits.float(),
+                                       rtol=1e-4, atol=1e-4)
+
+
 def check_export(run_dir: Path, out_dir: Path, last_loss: float, exported: bool = False) -> None:
     """`exported`: the folder was already written (e.g. by the `zeroray export` command)."""
-    from transformers import AutoConfig, AutoModel, AutoTokenizer
+    from transformers import AutoConfig, AutoModel
 
     import models
     from data_pipelines import BatchStream
@@ -76,10 +124,15 @@ def check_export(run_dir: Path, out_dir: Path, last_loss: float, exported: bool 
         reference = models.build(spec.model).eval()
         reference.load_state_dict(consolidated_state_dict(ckpt, spec), strict=False)
         batch = next(BatchStream(spec.data, micro_batch=spec.data.streams, rank=0, world=1))
-        check_native(out_dir, reference, batch["input_ids"][:, :64])
+        if spec.data.objective.kind == "causal":
+            check_native(out_dir, reference, batch["input_ids"][:, :64])
+        else:
+            check_native_encoder(out_dir, reference, batch["input_ids"][:, :64])
         with torch.no_grad():  # ... and it is the trained model: its loss is near the last training loss
-            loss = reference(**batch).loss.item()
+            out = reference(**batch)  # (its auxiliary terms, e.g. ELECTRA's generator loss, are apart)
+            loss = out.loss.item() - sum(v.item() for v in (out.aux_losses or {}).values())
         assert abs(loss - last_loss) < max(0.75, 0.15 * last_loss), (loss, last_loss)
+        check_tokenizer(out_dir, spec)
         return
     config = AutoConfig.from_pretrained(out_dir, trust_remote_code=True)
     wrapper, auto = wrapper_for(spec.model.name)
@@ -124,9 +177,20 @@ def check_export(run_dir: Path, out_dir: Path, last_loss: float, exported: bool 
                 for _ in range(8):
                     ids = torch.cat([ids, reference.decode(ids, memory, memory_mask)[:, -1].argmax(-1, keepdim=True)], 1)
         assert torch.equal(got, ids), (got, ids)
-    if spec.data.tokenizer != "bytes":
-        tok = AutoTokenizer.from_pretrained(out_dir)
-        assert tok.decode(tok("def main():")["input_ids"]) == "def main():"
+    check_tokenizer(out_dir, spec)
+
+
+def check_tokenizer(out_dir: Path, spec) -> None:
+    """The export's tokenizer round-trips text; an MLM's has the objective's pad and mask tokens."""
+    from transformers import AutoTokenizer
+
+    if spec.data.tokenizer == "bytes":
+        return
+    tok = AutoTokenizer.from_pretrained(out_dir)
+    assert tok.decode(tok("def main():")["input_ids"]) == "def main():"
+    if spec.data.objective.kind == "mlm":  # pad = V, mask = V + 1 (data_pipelines.objectives)
+        assert (tok.pad_token_id, tok.mask_token_id) == (spec.model.vocab_size - 2, spec.model.vocab_size - 1)
+        assert tok("x [MASK]")["input_ids"][-1] == tok.mask_token_id
 
 
 def fake_run(run_dir: Path, spec, module: torch.nn.Module, step: int = 12, records: list[dict] = ()) -> Path:
