@@ -24,12 +24,12 @@ import torch
 from torch import nn
 from transformers import (
     AutoConfig,
-    DynamicCache,
-    EncoderDecoderCache,
     AutoModel,
     AutoModelForCausalLM,
     AutoModelForMaskedLM,
     AutoModelForSeq2SeqLM,
+    DynamicCache,
+    EncoderDecoderCache,
     GenerationMixin,
     PretrainedConfig,
     PreTrainedModel,
