@@ -6,6 +6,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+# Above the largest clusters trained on; a bound, so that a typo (an extra zero, or twenty) is named here
+# instead of making the elastic-batch check walk a range of 10^20 counts.
+MAX_WORKERS = 1_000_000
 
 class ClusterConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -40,16 +43,22 @@ class ClusterConfig(BaseModel):
         """One clear message instead of pydantic's one per member of the union."""
         is_count = isinstance(value, int) and not isinstance(value, bool) and value >= 1
         if is_count:
-            return value
+            return value if value <= MAX_WORKERS else cls._too_many(value)
         if isinstance(value, list | tuple) and len(value) == 2 and all(
             isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value
         ):
             low, high = value
+            if high > MAX_WORKERS:
+                cls._too_many(high)
             if low > high:
                 raise ValueError(f"[{low}, {high}]: the minimum must not exceed the maximum; write [{high}, {low}]")
             return low if low == high else (low, high)  # [n, n] is simply n workers
         raise ValueError(f"{value!r} is neither a worker count ≥ 1 (e.g. 2) nor a range [min, max] of them "
                          f"(e.g. [1, 4])")
+
+    @staticmethod
+    def _too_many(count: int):
+        raise ValueError(f"{count} workers: at most {MAX_WORKERS:,} (a typo?)")
 
     @model_validator(mode="after")
     def _resources_positive(self) -> ClusterConfig:

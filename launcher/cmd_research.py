@@ -22,7 +22,7 @@ def add_commands(sub) -> None:
     models_cmd.add_argument("--json", action="store_true", help="print JSON instead of a table")
     experiment = sub.add_parser(
         "experiment", help="compare architectures: every arm × seed trained and evaluated, one results table",
-        description="Run an experiment of configs/experiments/ (hyper-connections, widenet, charformer, convbert): "
+        description="Run an experiment of configs/experiments/ (hyper-connections, moe-balancing, widenet, charformer, convbert): "
         "every arm × seed through `zeroray train` on one Ray cluster, with the same data and budget, evaluated "
         "on the held-out split; writes results.md, results.json and eval_loss.png into the experiment's "
         "directory. Re-running skips the runs that finished. docs/results.md has the latest figures.",
@@ -30,7 +30,7 @@ def add_commands(sub) -> None:
     experiment.add_argument("name", metavar="NAME", help="experiment: a file name in configs/experiments/")
     experiment.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides for every arm")
     experiment.add_argument("--scale", default="tiny",
-                            help="budget and platform: smoke (3 steps), tiny (this 2-core CPU, 10–20 min), "
+                            help="budget and platform: smoke (3 steps), tiny (this 2-core CPU, 10–60 min), "
                             "small (one 8-GPU node), base (the papers' shapes on a GPU cluster); default tiny")
     experiment.add_argument("--seeds", type=int, default=2, help="seeds per arm (trainer.seed 0..N-1; default 2)")
     experiment.add_argument("--out", type=Path, default=None,

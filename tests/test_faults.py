@@ -215,7 +215,7 @@ def test_a_range_of_workers_needs_a_global_batch_that_every_count_keeps(tiny_con
     spec = load_spec(tiny_config, ["cluster.workers=[1, 2]", "trainer.global_batch_size=8"])
     assert spec.global_batch_size == 8
     assert [(s.cluster.workers, s.trainer.grad_accum_steps) for s in map(spec.sized_for, (1, 2))] == [(1, 2), (2, 1)]
-    with pytest.raises(SpecError, match=r"set trainer.global_batch_size.*e\.g\. 8"):
+    with pytest.raises(SpecError, match=r"set trainer.global_batch_size.*\(a multiple of 8\)"):
         load_spec(tiny_config, ["cluster.workers=[1, 2]"])
     with pytest.raises(SpecError, match=r"\(8\) is not a multiple of .* for 3 worker\(s\). Use a multiple of 24"):
         load_spec(tiny_config, ["cluster.workers=[1, 3]", "trainer.global_batch_size=8"])
@@ -224,6 +224,12 @@ def test_a_range_of_workers_needs_a_global_batch_that_every_count_keeps(tiny_con
     with pytest.raises(SpecError, match="minimum must not exceed the maximum; write \\[1, 2\\]"):
         load_spec(tiny_config, ["cluster.workers=[2, 1]"])
     assert load_spec(tiny_config, ["cluster.workers=[2, 2]"]).cluster.workers == 2
+    # Ranges no global batch keeps (the multiple of [1, 64] has 28 digits), and a typo's worker count.
+    with pytest.raises(SpecError, match=r"for 3, 4, 5, 6, 7, 8, 9, 10 and 54 more worker\(s\). No global "
+                       r"batch of practical size suits every count: narrow the range"):
+        load_spec(tiny_config, ["cluster.workers=[1, 64]", "trainer.global_batch_size=8"])
+    with pytest.raises(SpecError, match=r"cluster.workers.*100000000000000000000 workers: at most 1,000,000"):
+        load_spec(tiny_config, ["cluster.workers=[1, 100000000000000000000]"])
 
 
 def test_resuming_on_another_fixed_worker_count_names_the_accumulation_that_fits(tiny_config, tmp_path):

@@ -49,7 +49,7 @@ from data_pipelines.readers import (
 )
 from data_pipelines.trace import trace
 from trainer.errors import SpecError
-from trainer.spec import RunSpec, apply_overrides, load_spec, read_spec, read_yaml
+from trainer.spec import RunSpec, load_spec, read_spec
 
 EXPLORE = os.environ.get("ZERORAY_FUZZ") == "explore"
 # Hypothesis keeps caches (.hypothesis/) in the working directory: here, out of the source tree.
@@ -159,22 +159,9 @@ def _spec_or_one_error(isolated, path, given_overrides) -> RunSpec | SpecError:
     return outcome
 
 
-def _known_unfixed(path, given_overrides) -> bool:
-    """The failure class found here whose fix belongs outside the parser (the xfail test below): a range of
-    workers too wide to check."""
-    try:
-        raw = apply_overrides(read_yaml(path), list(given_overrides))
-    except SpecError:
-        return False
-    sections = {k: v if isinstance(v, dict) else {} for k, v in raw.items() if k in TOP}
-    workers = sections.get("cluster", {}).get("workers")
-    return isinstance(workers, list) and any(isinstance(w, int) and abs(w) > 4096 for w in workers)
-
-
 @bounded(500)
 @given(config=st.sampled_from([BYTES_CONFIG, FILE_TOKENIZER_CONFIG]), given_overrides=st.lists(overrides, max_size=4))
 def test_overrides_give_a_spec_or_one_spec_error(isolated, config, given_overrides):
-    assume(not _known_unfixed(config, given_overrides))
     _spec_or_one_error(isolated, config, given_overrides)
 
 
@@ -215,7 +202,6 @@ def test_yaml_documents_give_a_spec_or_one_spec_error(isolated, document, given_
     *_, docs = isolated
     path = docs / "fuzzed.yaml"
     path.write_bytes(document)
-    assume(not _known_unfixed(path, given_overrides))
     outcome = _spec_or_one_error(isolated, path, given_overrides)
     if isinstance(outcome, RunSpec):  # the spec a run saves (spec.yaml) reads back as the same spec
         path.write_text(outcome.to_yaml())
@@ -270,10 +256,10 @@ def test_an_unknown_user_in_a_path_is_one_spec_error(isolated, override):
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.xfail(strict=True, raises=OverflowError,
-                   reason="found by fuzzing; fix in trainer/config.py check_elastic_batch (math.lcm of the range)")
-def test_known_unfixed_huge_worker_range(isolated):
-    _spec_or_one_error(isolated, BYTES_CONFIG, ["cluster.workers=[1, 100000000000000000000]"])
+def test_a_huge_worker_range_is_one_spec_error(isolated):
+    """Found by fuzzing: the elastic-batch check once unpacked the whole range into math.lcm."""
+    assert isinstance(_spec_or_one_error(isolated, BYTES_CONFIG, ["cluster.workers=[1, 100000000000000000000]"]),
+                      SpecError)
 
 
 # ---- 2. the line readers -----------------------------------------------------------------------

@@ -94,6 +94,17 @@ class TrainerConfig(BaseModel):
 
 
 
+def _common_multiple(counts: range, limit: int = 2**40) -> int | None:
+    """The least common multiple of the worker counts, or None once it passes `limit` (rows per step no
+    run would use: the range [1, 40] already needs 5·10^15)."""
+    multiple = 1
+    for count in counts:
+        multiple = math.lcm(multiple, count)
+        if multiple > limit:
+            return None
+    return multiple
+
+
 def check_elastic_batch(t: TrainerConfig, workers: tuple[int, int], check_layout: Callable[[int, int], None]) -> None:
     """A range of workers: Ray Train may run any count in it, so every count must keep the optimizer step
     at trainer.global_batch_size rows with a whole gradient accumulation, and read whole data streams
@@ -101,9 +112,12 @@ def check_elastic_batch(t: TrainerConfig, workers: tuple[int, int], check_layout
     low, high = workers
     counts = range(low, high + 1)
     where = f"cluster.workers [{low}, {high}] is a range (Ray Train may run any count in it)"
+    fits = _common_multiple(counts)
+    advice = (f"a multiple of {t.micro_batch_size * fits}" if fits else
+              "no global batch of practical size suits every count: narrow the range")
     if t.global_batch_size is None:
         raise ValueError(f"{where}: set trainer.global_batch_size, the rows per optimizer step it keeps on every "
-                         f"count, e.g. {t.micro_batch_size * math.lcm(*counts)}")
+                         f"count ({advice})")
     if t.grad_accum_steps != 1:
         raise ValueError(f"{where}: trainer.grad_accum_steps is derived from trainer.global_batch_size on each "
                          f"count; remove trainer.grad_accum_steps={t.grad_accum_steps}")
@@ -112,11 +126,11 @@ def check_elastic_batch(t: TrainerConfig, workers: tuple[int, int], check_layout
                          f"expert-parallel rank); use a fixed cluster.workers")
     uneven = [w for w in counts if t.global_batch_size % (t.micro_batch_size * w)]
     if uneven:
-        fits = t.micro_batch_size * math.lcm(*counts)
+        shown = ", ".join(map(str, uneven[:8])) + (f" and {len(uneven) - 8} more" if len(uneven) > 8 else "")
         raise ValueError(
             f"{where}: trainer.global_batch_size ({t.global_batch_size}) is not a multiple of "
-            f"trainer.micro_batch_size ({t.micro_batch_size}) × workers for {', '.join(map(str, uneven))} "
-            f"worker(s). Use a multiple of {fits}, or another range or micro-batch"
+            f"trainer.micro_batch_size ({t.micro_batch_size}) × workers for {shown} worker(s). "
+            + (f"Use {advice}, or another range or micro-batch" if fits else advice[0].upper() + advice[1:])
         )
     for w in counts:
         try:
