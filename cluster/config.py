@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 # instead of making the elastic-batch check walk a range of 10^20 counts.
 MAX_WORKERS = 1_000_000
 
+
 class ClusterConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
