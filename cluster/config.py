@@ -42,24 +42,21 @@ class ClusterConfig(BaseModel):
     @classmethod
     def _count_or_range(cls, value):
         """One clear message instead of pydantic's one per member of the union."""
-        is_count = isinstance(value, int) and not isinstance(value, bool) and value >= 1
-        if is_count:
-            return value if value <= MAX_WORKERS else cls._too_many(value)
-        if isinstance(value, list | tuple) and len(value) == 2 and all(
-            isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value
-        ):
-            low, high = value
-            if high > MAX_WORKERS:
-                cls._too_many(high)
-            if low > high:
-                raise ValueError(f"[{low}, {high}]: the minimum must not exceed the maximum; write [{high}, {low}]")
-            return low if low == high else (low, high)  # [n, n] is simply n workers
-        raise ValueError(f"{value!r} is neither a worker count ≥ 1 (e.g. 2) nor a range [min, max] of them "
-                         f"(e.g. [1, 4])")
+        def is_count(v) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool) and v >= 1
 
-    @staticmethod
-    def _too_many(count: int):
-        raise ValueError(f"{count} workers: at most {MAX_WORKERS:,} (a typo?)")
+        if is_count(value):
+            low = high = value
+        elif isinstance(value, list | tuple) and len(value) == 2 and all(map(is_count, value)):
+            low, high = value
+        else:
+            raise ValueError(f"{value!r} is neither a worker count ≥ 1 (e.g. 2) nor a range [min, max] of them "
+                             f"(e.g. [1, 4])")
+        if high > MAX_WORKERS:
+            raise ValueError(f"{high} workers: at most {MAX_WORKERS:,} (a typo?)")
+        if low > high:
+            raise ValueError(f"[{low}, {high}]: the minimum must not exceed the maximum; write [{high}, {low}]")
+        return low if low == high else (low, high)  # [n, n] is simply n workers
 
     @model_validator(mode="after")
     def _resources_positive(self) -> ClusterConfig:

@@ -113,11 +113,11 @@ def check_elastic_batch(t: TrainerConfig, workers: tuple[int, int], check_layout
     counts = range(low, high + 1)
     where = f"cluster.workers [{low}, {high}] is a range (Ray Train may run any count in it)"
     fits = _common_multiple(counts)
-    advice = (f"a multiple of {t.micro_batch_size * fits}" if fits else
-              "no global batch of practical size suits every count: narrow the range")
+    rows = None if fits is None else t.micro_batch_size * fits
+    too_wide = "no global batch of practical size suits every count: narrow the range"
     if t.global_batch_size is None:
         raise ValueError(f"{where}: set trainer.global_batch_size, the rows per optimizer step it keeps on every "
-                         f"count ({advice})")
+                         f"count ({too_wide if rows is None else f'a multiple of {rows}'})")
     if t.grad_accum_steps != 1:
         raise ValueError(f"{where}: trainer.grad_accum_steps is derived from trainer.global_batch_size on each "
                          f"count; remove trainer.grad_accum_steps={t.grad_accum_steps}")
@@ -130,7 +130,7 @@ def check_elastic_batch(t: TrainerConfig, workers: tuple[int, int], check_layout
         raise ValueError(
             f"{where}: trainer.global_batch_size ({t.global_batch_size}) is not a multiple of "
             f"trainer.micro_batch_size ({t.micro_batch_size}) × workers for {shown} worker(s). "
-            + (f"Use {advice}, or another range or micro-batch" if fits else advice[0].upper() + advice[1:])
+            + (too_wide.capitalize() if rows is None else f"Use a multiple of {rows}, or another range or micro-batch")
         )
     for w in counts:
         try:
