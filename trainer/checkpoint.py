@@ -35,125 +35,37 @@ import json
 import logging
 import os
 import random
-import re
 import shutil
 import socket
 import subprocess
 import sys
-import time
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 
+from trainer.checkpoint_layout import (
+    DOWNLOAD_PREFIX,
+    LATEST,
+    MANIFEST,
+    STAGING_PREFIX,
+    UNIVERSAL,
+    Checkpoint,
+    CheckpointError,
+    Staged,
+    tag_for,
+)
+from trainer.checkpoint_publish import CheckpointPublishing
+from trainer.rank_exchange import barrier, checksums, gathered
 from trainer.safe_load import UnsafeCheckpointError, load_file
-from trainer.storage import Folder, LocalFolder, fsync_tree, sha256
+from trainer.storage import Folder, LocalFolder
+
+# The layout's names are the store's: callers import them from here.
+__all__ = ["DOWNLOAD_PREFIX", "LATEST", "MANIFEST", "STAGING_PREFIX", "UNIVERSAL", "Checkpoint", "CheckpointError",
+           "CheckpointStore", "Staged", "rng_state", "set_rng_state", "tag_for"]
 
 log = logging.getLogger("zeroray.checkpoint")
-
-STAGING_PREFIX = ".staging-"
-DOWNLOAD_PREFIX = ".download-"
-LATEST = "latest"
-MANIFEST = "manifest.json"
-UNIVERSAL = "universal"  # conversions for a resume on another worker count
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be used; the message says which and why."""
-
-
-def tag_for(step: int) -> str:
-    return f"step_{step:08d}"
-
-
-@dataclass(frozen=True)
-class Checkpoint:
-    path: Path
-    step: int
-    world_size: int
-
-    @property
-    def tag(self) -> str:
-        return self.path.name
-
-
-@dataclass
-class Staged:
-    """A checkpoint written to local staging on every rank, not yet published."""
-
-    step: int
-    stage_dir: Path
-    staged_s: float  # how long staging took on this rank (the part on the step path)
-
-    @property
-    def tag(self) -> str:
-        return tag_for(self.step)
-
-
-_RANK_IN_NAME = re.compile(r"(?:zero_pp_rank_|^rank_)0*(\d+)")
-
-
-def _reader(rel: str, world_size: int) -> int:
-    """The rank that checksums a file: the one that wrote it where the name says (DeepSpeed's per-rank
-    ZeRO shards, zeroray's rank states), else rank 0, so that each rank mostly reads its own files."""
-    found = _RANK_IN_NAME.search(Path(rel).name)
-    return int(found.group(1)) % world_size if found else 0
-
-
-def _distributed(world_size: int) -> bool:
-    return world_size > 1 and dist.is_available() and dist.is_initialized()
-
-
-def _barrier(world_size: int, group=None) -> None:
-    if _distributed(world_size):
-        dist.barrier(group=group)
-
-
-def _gathered(value, world_size: int, group=None) -> list:
-    """`value` of every rank, by rank (a collective when distributed; on `group`, default the world's)."""
-    if not _distributed(world_size):
-        return [value]
-    values: list = [None] * world_size
-    dist.all_gather_object(values, value, group=group)
-    return values
-
-
-def _each(what: str, work: Callable[[], object], world_size: int, group=None) -> list:
-    """Run this rank's `work`, then exchange every rank's outcome (a collective on `group`): the results by
-    rank on every rank, or the same CheckpointError on every rank, naming each rank that failed. A failure on
-    one rank so never leaves the others waiting in the next collective."""
-    try:
-        outcome = (work(), None)
-    except Exception as exc:  # OSError of a full disk, the object store's own error types, …
-        outcome = (None, f"{type(exc).__name__}: {exc}")
-    outcomes = _gathered(outcome, world_size, group)
-    failed = [f"rank {r}: {error}" for r, (_, error) in enumerate(outcomes) if error is not None]
-    if failed:
-        raise CheckpointError(f"{what} failed ({'; '.join(failed)})")
-    return [result for result, _ in outcomes]
-
-
-def _checksums(folder: Path, files: list[str], rank: int, world_size: int) -> dict[str, str]:
-    """SHA-256 of this rank's share of `files`, gathered on every rank (a collective when distributed)."""
-    mine = {rel: sha256(folder / rel) for rel in files if _reader(rel, world_size) == rank}
-    return {rel: digest for share in _gathered(mine, world_size) for rel, digest in share.items()}
-
-
-def _owners(listings: list[dict[str, int]], world_size: int) -> dict[str, int]:
-    """The rank that checksums (and uploads) each written file: the one the name says if it can see the
-    file, else the lowest rank that can (on a shared disk every rank sees every file; on node-local
-    disks a rank sees its node's)."""
-    owners = {}
-    for rel in sorted({rel for listing in listings for rel in listing}):
-        preferred = _reader(rel, world_size) % len(listings)
-        owners[rel] = preferred if rel in listings[preferred] else min(
-            r for r, listing in enumerate(listings) if rel in listing)
-    return owners
-
 
 def rng_state() -> dict:
     accel = get_accelerator()
@@ -173,7 +85,8 @@ def set_rng_state(state: dict) -> None:
         get_accelerator().set_rng_state(state["accelerator"])
 
 
-class CheckpointStore:
+
+class CheckpointStore(CheckpointPublishing):
     """The checkpoints of one run: `root` is this node's working folder, `home` where they are published
     (default: `root` itself)."""
 
@@ -185,7 +98,7 @@ class CheckpointStore:
         self.last_bytes = 0  # the size of the last checkpoint this store published (all ranks' files)
         # Which ranks share a working copy: one download and one clean-up per copy. One folder every rank
         # sees counts as one host. Gathered here, where every rank constructs the store at the same point.
-        self._hosts = (_gathered(socket.gethostname(), world_size) if self.home.per_node_copies
+        self._hosts = (gathered(socket.gethostname(), world_size) if self.home.per_node_copies
                        else [None] * max(world_size, 1))
 
     @classmethod
@@ -203,7 +116,6 @@ class CheckpointStore:
         """Ranks on several nodes, each node with a working copy of its own."""
         return len(set(self._hosts)) > 1
 
-    # ---- reading --------------------------------------------------------------------------
     def published(self) -> list[Checkpoint]:
         """Complete checkpoints in the home folder, oldest first (a folder without a valid manifest is not one)."""
         found = []
@@ -281,7 +193,7 @@ class CheckpointStore:
         expected = manifest.get("sha256")
         if expected is None:  # written before manifests had checksums: sizes were checked
             return []
-        actual = _checksums(ckpt.path, sorted(expected), self.rank, self.world_size)
+        actual = checksums(ckpt.path, sorted(expected), self.rank, self.world_size)
         return sorted(rel for rel, digest in expected.items() if actual.get(rel) != digest)
 
     def _fetch(self, ckpt: Checkpoint, force: bool) -> None:
@@ -298,7 +210,7 @@ class CheckpointStore:
                 self.home.get(ckpt.tag, partial)
                 shutil.rmtree(ckpt.path, ignore_errors=True)
                 os.replace(partial, ckpt.path)
-        _barrier(self.world_size)
+        barrier(self.world_size)
 
     def local_copy(self, ckpt: Checkpoint) -> Checkpoint:
         """`ckpt` with its files in this machine's working copy (fetched when needed). One process."""
@@ -338,11 +250,11 @@ class CheckpointStore:
                 )
             if self._several_copies:
                 self.home.put(out, f"{UNIVERSAL}/{ckpt.tag}")
-        _barrier(self.world_size)
+        barrier(self.world_size)
         if self._several_copies and self._host_leader and self._hosts[self.rank] != self._hosts[0]:
             shutil.rmtree(out, ignore_errors=True)
             self.home.get(f"{UNIVERSAL}/{ckpt.tag}", out)
-        _barrier(self.world_size)
+        barrier(self.world_size)
         return out
 
     def remove_universal(self) -> None:
@@ -352,132 +264,3 @@ class CheckpointStore:
         if self.rank == 0 and self._several_copies:
             self.home.remove(UNIVERSAL)
 
-    # ---- writing --------------------------------------------------------------------------
-    def remove_staging(self) -> None:
-        """Before training, once per working copy: drop folders that a crash left half-written."""
-        if not self._host_leader:
-            return
-        for prefix in (STAGING_PREFIX, DOWNLOAD_PREFIX):
-            for d in self.root.glob(prefix + "*"):
-                shutil.rmtree(d, ignore_errors=True)
-
-    def save(self, engine, step: int, rank_state: dict, run_files: dict[str, str], keep_last: int) -> Checkpoint:
-        """Collective: every rank calls it. `rank_state` is this rank's own (data position, RNG);
-        `run_files` are small text files rank 0 adds (the spec, the trainer state). Stage, then publish,
-        before returning."""
-        return self.publish(self.stage(engine, step, rank_state, run_files), keep_last)
-
-    def free_space_error(self, needed: int) -> str | None:
-        """Why the working copy lacks room for a checkpoint of `needed` bytes (None: it has room). Local."""
-        where = next(d for d in (self.root, *self.root.parents) if d.exists())
-        free = shutil.disk_usage(where).free
-        if free >= needed:
-            return None
-        return (f"{free / 2**20:.0f} MiB free in {self.root} on {socket.gethostname()}, the last checkpoint took "
-                f"{needed / 2**20:.0f} MiB")
-
-    def stage(self, engine, step: int, rank_state: dict, run_files: dict[str, str]) -> Staged:
-        """The part of a save on the step path: DeepSpeed's state and this rank's own into local staging.
-        Collective on the training process group (DeepSpeed's save is): every rank calls it."""
-        started = time.perf_counter()
-        tag = tag_for(step)
-        stage_dir = self.root / (STAGING_PREFIX + tag)
-        self.root.mkdir(parents=True, exist_ok=True)
-        if self.rank == 0:
-            self.home.remove(tag)  # a damaged or older copy of this step: no stale files under a new manifest
-        engine.save_checkpoint(str(self.root), tag=stage_dir.name, save_latest=False)
-        torch.save(rank_state, stage_dir / f"rank_{self.rank:05d}.pt")
-        if self.rank == 0:
-            for name, text in run_files.items():
-                (stage_dir / name).write_text(text)
-        return Staged(step, stage_dir, time.perf_counter() - started)
-
-    def publish(self, staged: Staged, keep_last: int, group=None,
-                before_manifest: Callable[[Staged], None] | None = None) -> Checkpoint:
-        """Publish a staged checkpoint: manifest, rename, copies to the home folder, `latest`, retention.
-        Collective on `group` (every rank calls it with its own `staged` of the same step). Raises the same
-        CheckpointError on every rank when any rank fails, after removing what the attempt left (`latest`
-        still names the checkpoint before)."""
-        try:
-            return self._publish_staged(staged, keep_last, group, before_manifest)
-        except CheckpointError:
-            self._discard(staged)
-            raise
-
-    def _publish_staged(self, staged: Staged, keep_last: int, group, before_manifest) -> Checkpoint:
-        tag, stage_dir, final, n = staged.tag, staged.stage_dir, self.root / staged.tag, self.world_size
-        _each("staging", lambda: None, n, group)  # every rank's files are written before any rank lists them
-        manifest = self._manifest(stage_dir, staged.step, group)
-
-        def local_publish() -> None:  # in the working copy: one rename
-            if self._host_leader:
-                if self.rank == 0:
-                    fsync_tree(stage_dir)
-                    (stage_dir / MANIFEST).write_text(manifest["text"])
-                shutil.rmtree(final, ignore_errors=True)  # a re-run of the same step after a crash: replace it
-                os.replace(stage_dir, final)
-
-        _each("publishing in the working copy", local_publish, n, group)
-
-        def upload() -> None:  # to the home folder: each file by its owner (for a local run, no-ops)
-            for rel in manifest["mine"]:
-                self.home.put(final / rel, f"{tag}/{rel}")
-            if before_manifest is not None:
-                before_manifest(staged)
-
-        _each("copying the files to the home folder", upload, n, group)  # all in place before the manifest
-
-        def commit() -> None:  # the manifest says the checkpoint exists, `latest` that it is the one
-            if self.rank == 0:
-                self.home.write_text(f"{tag}/{MANIFEST}", manifest["text"])
-                self.home.write_text(LATEST, tag + "\n")
-            elif self._host_leader:
-                shutil.rmtree(final, ignore_errors=True)  # published; rank 0's node keeps the working copy
-
-        _each("writing the manifest and latest", commit, n, group)
-
-        def retain() -> None:  # the checkpoint is published: a failure to delete old ones is only reported
-            if self.rank == 0:
-                try:
-                    self._retain(keep_last)
-                except Exception as exc:
-                    log.warning("removing checkpoints older than the last %d failed (%s: %s); the next checkpoint "
-                                "tries again", keep_last, type(exc).__name__, exc)
-
-        _each("retention", retain, n, group)
-        self.last_bytes = manifest["bytes"]
-        return Checkpoint(final, staged.step, self.world_size)
-
-    def _discard(self, staged: Staged) -> None:
-        """After a failed publication, on every rank (no collective): remove what it left, in the working copy
-        and the home folder, unless `latest` already names it (then it is whole)."""
-        try:
-            named = (self.home.read_text(LATEST) or "").strip() == staged.tag
-            if self._host_leader:
-                shutil.rmtree(staged.stage_dir, ignore_errors=True)
-                if not named:
-                    shutil.rmtree(self.root / staged.tag, ignore_errors=True)
-            if self.rank == 0 and not named:
-                self.home.remove(staged.tag)
-        except Exception as exc:  # what is left is never chosen (no manifest, or not `latest`)
-            log.warning("cleaning up after the failed checkpoint of step %d failed (%s: %s)", staged.step,
-                        type(exc).__name__, exc)
-
-    def _manifest(self, stage_dir: Path, step: int, group=None) -> dict:
-        """Every rank's written files with their sizes and checksums (each rank hashes the files it owns);
-        returned on every rank with the rank's own share of the files to publish. Collective on `group`."""
-        n = self.world_size
-        listings = _each("listing the staged files", lambda: {
-            str(f.relative_to(stage_dir)): f.stat().st_size for f in stage_dir.rglob("*") if f.is_file()}, n, group)
-        owners = _owners(listings, n)
-        mine = [rel for rel, owner in owners.items() if owner == self.rank]
-        digests = _each("checksums", lambda: {rel: sha256(stage_dir / rel) for rel in mine}, n, group)
-        files = {rel: listings[owner][rel] for rel, owner in owners.items()}
-        text = json.dumps({"step": step, "world_size": n, "files": files,
-                           "sha256": {rel: d for share in digests for rel, d in share.items()}}, indent=1)
-        return {"text": text, "mine": mine, "bytes": sum(files.values())}
-
-    def _retain(self, keep_last: int) -> None:
-        for old in self.published()[:-keep_last]:
-            self.home.remove(old.tag)
-            shutil.rmtree(old.path, ignore_errors=True)  # its working copy (already gone for a local run)
