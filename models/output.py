@@ -2,23 +2,34 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
-from transformers.utils import ModelOutput as HFModelOutput
 
 
-@dataclass
-class ModelOutput(HFModelOutput):
-    """A `transformers` ModelOutput (a dict underneath): DeepSpeed ZeRO-3 walks dict outputs to
-    hook its parameter release, and `transformers` users expect this type from a model."""
+class ModelOutput(dict):
+    """`loss`, `logits` and `aux_losses` as keys and as attributes. A dict: DeepSpeed ZeRO-3 walks dict outputs
+    (in place) to hook its parameter release. zeroray's own rather than `transformers`' ModelOutput, which
+    behaves the same here: importing `transformers` costs about 0.5 s of CPU in the driver and in every rank,
+    and the trainer needs nothing else of it; the exported models return `transformers`' own output types
+    (models/hf.py, models/hf_native.py)."""
 
-    loss: torch.Tensor | None = None
-    """Total training loss: the objective plus every auxiliary loss already weighted."""
-    logits: torch.Tensor | None = None
-    aux_losses: dict[str, torch.Tensor] | None = None
-    """Auxiliary losses (already included in `loss`), reported separately in the metrics."""
+    def __init__(self, loss: torch.Tensor | None = None, logits: torch.Tensor | None = None,
+                 aux_losses: dict[str, torch.Tensor] | None = None):
+        super().__init__(loss=loss, logits=logits, aux_losses=aux_losses)
+
+    @property
+    def loss(self) -> torch.Tensor | None:
+        """Total training loss: the objective plus every auxiliary loss already weighted."""
+        return self["loss"]
+
+    @property
+    def logits(self) -> torch.Tensor | None:
+        return self["logits"]
+
+    @property
+    def aux_losses(self) -> dict[str, torch.Tensor] | None:
+        """Auxiliary losses (already included in `loss`), reported separately in the metrics."""
+        return self["aux_losses"]
 
 
 IGNORE_INDEX = -100
