@@ -27,6 +27,9 @@ process group of their own, never the training group (trainer.checkpointing.Chec
 a publication ends in an exchange of each rank's outcome, so a failure on one rank (a full disk, an object
 store error) fails the publication on every rank at the same point instead of leaving the others waiting;
 what it left is removed and `latest` keeps naming the checkpoint before.
+
+This module is the store and its reading side; the writing side is trainer.checkpoint_publish (mixed into
+CheckpointStore), the names both use trainer.checkpoint_layout, their collectives trainer.rank_exchange.
 """
 
 from __future__ import annotations
@@ -66,6 +69,7 @@ __all__ = ["DOWNLOAD_PREFIX", "LATEST", "MANIFEST", "STAGING_PREFIX", "UNIVERSAL
            "CheckpointStore", "Staged", "rng_state", "set_rng_state", "tag_for"]
 
 log = logging.getLogger("zeroray.checkpoint")
+
 
 def rng_state() -> dict:
     accel = get_accelerator()
