@@ -22,7 +22,7 @@ def add_commands(sub) -> None:
     models_cmd.add_argument("--json", action="store_true", help="print JSON instead of a table")
     experiment = sub.add_parser(
         "experiment", help="compare architectures: every arm × seed trained and evaluated, one results table",
-        description="Run an experiment of configs/experiments/ (hyper-connections, moe-balancing, widenet, charformer, convbert): "
+        description="Run an experiment of configs/experiments/ (hyper-connections, moe-balancing, moe-bias-rate, widenet, charformer, convbert): "
         "every arm × seed through `zeroray train` on one Ray cluster, with the same data and budget, evaluated "
         "on the held-out split; writes results.md, results.json and eval_loss.png into the experiment's "
         "directory. Re-running skips the runs that finished. docs/results.md has the latest figures.",
