@@ -30,6 +30,9 @@ from trainer.storage import fsync_tree, sha256
 
 log = logging.getLogger("zeroray.checkpoint")
 
+# What deepspeed.runtime.engine.DeepSpeedEngine._copy_recovery_script writes into the save folder (0.19.8).
+DEEPSPEED_RECOVERY_SCRIPTS = ("zero_to_fp32.py", "zero_to_torch.py")
+
 
 class CheckpointPublishing:
     """Mixed into trainer.checkpoint.CheckpointStore, whose attributes it uses (`root`, `home`, `rank`,
@@ -70,6 +73,11 @@ class CheckpointPublishing:
         engine.save_checkpoint(str(self.root), tag=stage_dir.name, save_latest=False)
         torch.save(rank_state, stage_dir / f"rank_{self.rank:05d}.pt")
         if self.rank == 0:
+            # DeepSpeed's rank 0 copies its recovery scripts beside the checkpoints at every ZeRO save: code
+            # meant to be run by hand, which unpickles with weights_only=False, in a folder others may write.
+            # `zeroray export` does their job with weights-only loads; the run directory holds no code.
+            for script in DEEPSPEED_RECOVERY_SCRIPTS:
+                (self.root / script).unlink(missing_ok=True)
             for name, text in run_files.items():
                 (stage_dir / name).write_text(text)
         return Staged(step, stage_dir, time.perf_counter() - started)
