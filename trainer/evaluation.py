@@ -107,7 +107,7 @@ def token_byte_lengths(tokenizer_spec: str, vocab_size: int) -> torch.Tensor:
 
     tok = Tokenizer.from_file(tokenizer.path)
     special = {t.content for t in tok.get_added_tokens_decoder().values() if t.special}
-    # The decoder object, not the tokenizer's JSON: serialising and parsing a 8k-token BPE costs ~0.5 s a rank.
+    # The decoder object, not the tokenizer's JSON: serialising and parsing an 8k-token BPE costs ~0.5 s a rank.
     byte_level = isinstance(tok.decoder, decoders.ByteLevel)
     ids, counts = [], []
     for token, i in tok.get_vocab(with_added_tokens=True).items():
