@@ -127,7 +127,9 @@ def launch(spec: RunSpec, fresh: bool = False, ray_temp_dir: str | None = None, 
            announce=print) -> LaunchResult:
     from pyarrow.fs import FSSpecHandler, PyFileSystem
     from ray.train import CheckpointConfig, RunConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
+
+    from launcher.ray_trainer import ZerorayTrainer
 
     started = time.time()
     # Ray Train's PreemptionWatcher polls the cluster's draining nodes every 5 s by default: a sixth of a 30 s
@@ -150,7 +152,7 @@ def launch(spec: RunSpec, fresh: bool = False, ray_temp_dir: str | None = None, 
         return LaunchResult(run, status, None, None, None, time.time() - started)
     c = spec.cluster
     remote = spec.output.remote
-    trainer = TorchTrainer(
+    trainer = ZerorayTrainer(
         _train_worker,
         train_loop_config={"spec": spec.to_dict()},
         torch_config=TorchConfig(backend="nccl" if c.gpus_per_worker else "gloo"),
