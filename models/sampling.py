@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import DynamicCache
 
 
 def filtered_logits(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
@@ -56,6 +55,17 @@ def _finish(new: torch.Tensor, done: torch.Tensor, eos_id: int | None, pad_id: i
 
 
 @torch.no_grad()
+def _cache(module: nn.Module):
+    """A fresh key/value cache for models that keep one, else None. `transformers` is imported here, not at the
+    top: the trainer imports this module for its sample hook, and each rank would otherwise pay about half a
+    second of CPU to import `transformers` at start-up."""
+    if not getattr(module.config, "kv_cache_layers", 0):
+        return None
+    from transformers import DynamicCache
+
+    return DynamicCache()
+
+
 def generate(module: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
              top_p: float = 1.0, seed: int | None = None, eos_id: int | None = None,
              pad_id: int | None = None) -> torch.Tensor:
@@ -66,7 +76,7 @@ def generate(module: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, te
     limit = getattr(module.config, "max_seq_len", None)
     generator = _generator(seed, input_ids.device)
     ids, done = input_ids, torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-    cache = DynamicCache() if getattr(module.config, "kv_cache_layers", 0) else None
+    cache = _cache(module)
     for _ in range(max_new_tokens):
         if cache is not None and (limit is None or ids.shape[1] <= limit):
             logits = module(ids[:, cache.get_seq_length():], cache=cache).logits
@@ -92,7 +102,7 @@ def generate_seq2seq(module: nn.Module, input_ids: torch.Tensor, attention_mask:
     memory, memory_mask = module.encode(input_ids, attention_mask)
     ids = torch.full((input_ids.shape[0], 1), start_id, dtype=torch.long, device=input_ids.device)
     done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-    cache = DynamicCache() if getattr(module.config, "kv_cache_layers", 0) else None
+    cache = _cache(module)
     for _ in range(max_new_tokens if limit is None else min(max_new_tokens, limit - 1)):
         if cache is None:
             logits = module.decode(ids, memory, memory_mask)
