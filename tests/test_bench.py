@@ -152,3 +152,14 @@ def test_startup_timeline_splits_at_the_marks_a_run_leaves(tmp_path):
     assert overhead.steady_tokens_per_s(records, 4) == pytest.approx(2000.0)
     with pytest.raises(ValueError, match="after step 8"):
         overhead.steady_tokens_per_s(records, 8)
+
+
+def test_a_second_sitting_of_the_day_does_not_overwrite_the_first(tmp_path):
+    files = bench_module("results_file")
+    first = files.save({"n": 1}, "# one\n", tmp_path, "2026-12-07-only-startup")
+    second = files.save({"n": 2}, "# two\n", tmp_path, "2026-12-07-only-startup")
+    third = files.save({"n": 3}, "# three\n", tmp_path, "2026-12-07-only-startup")
+    assert [p.name for p in (*first, *second, *third)] == [
+        "2026-12-07-only-startup.json", "2026-12-07-only-startup.md", "2026-12-07-only-startup-2.json",
+        "2026-12-07-only-startup-2.md", "2026-12-07-only-startup-3.json", "2026-12-07-only-startup-3.md"]
+    assert [json.loads(p.read_text())["n"] for p in (first[0], second[0], third[0])] == [1, 2, 3]
