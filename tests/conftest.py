@@ -7,6 +7,12 @@ import os
 # Tests never download: Hub names must fail fast and clearly instead of waiting on the network.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Under pytest-xdist each worker's torch gets its share of the cores for its intra-op pool (set before torch
+# is imported). With torch's default, every core in every worker, the OpenMP threads of one worker's
+# in-process tests spin on the cores another worker's training ranks need.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    _share = (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, _share)))
 
 import shutil  # noqa: E402
 import subprocess
