@@ -112,7 +112,9 @@ class DataConfig(BaseModel):
         ge=0,
         description="Processes per worker that read and tokenize (torch DataLoader workers; 0 = in the training "
         "process). Each takes whole logical streams, so it must divide the streams a worker reads "
-        "(data.streams ÷ cluster.workers); the data order does not depend on it.",
+        "(data.streams ÷ cluster.workers); the data order does not depend on it. Unset in a run spec whose "
+        "workers have one CPU core each (cluster.cpus_per_worker: 1), it is 0: a loader process would only "
+        "share the training process's core.",
     )
     shuffle_buffer: int = Field(
         0,

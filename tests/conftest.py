@@ -59,7 +59,7 @@ def write_config(path: Path, corpus: Path, runs: Path, **sections) -> Path:
         "data": {"sources": [{"path": str(corpus / "train")}], "tokenizer": str(corpus / "tokenizer.json"),
                  "seq_len": 32, "tokenize_batch": 4, "streams": 4,
                  # In-process reading: each loader worker pays a fork-server start in every
-                 # training process; tests/test_launchers.py runs the default (1 worker).
+                 # training process; tests/test_launchers.py's CLI run has one loader worker.
                  "loader_workers": 0},
         "trainer": {"zero_stage": 2, "micro_batch_size": 4, "max_steps": 12, "warmup_steps": 2, "lr": 3e-3,
                     "log_every": 1, "checkpoint_every": 6},

@@ -35,6 +35,7 @@ def test_zeroray_cli_trains_exports_lists_resumes_and_plots(tiny_config, small_c
     proc = subprocess.run(
         [zeroray, "train", str(tiny_config), "trainer.zero_stage=0", "trainer.max_steps=4", "trainer.warmup_steps=1",
          "trainer.checkpoint_every=0", "output.name=cli", "--progress-interval", "0",
+         "data.loader_workers=1",  # the one end-to-end run with a loader process (tiny_config reads in-process)
          f"eval.sources=[{{path: {small_corpus / 'val'}}}]", "eval.every=3", "eval.batches=1",
          "output.trackers=[tensorboard, mlflow]"],
         capture_output=True, text=True, env=_env(tmp_path), timeout=240,

@@ -35,6 +35,21 @@ def test_valid_spec_resolves_paths_and_vocab(tiny_config, small_corpus):
         spec.trainer.zero_stage = 1  # type: ignore[misc]
 
 
+def test_loader_workers_unset_read_in_process_on_one_core_workers(tmp_path, small_corpus):
+    """A loader process needs a core of its own: unset, data.loader_workers is 0 for 1-core workers and the
+    data section's default (1) otherwise; set, it is what was written, and it survives the saved spec."""
+    config = write_config(tmp_path / "c.yaml", small_corpus, tmp_path / "runs")
+    raw = yaml.safe_load(config.read_text())
+    del raw["data"]["loader_workers"]
+    config.write_text(yaml.safe_dump(raw))
+    one_core = load_spec(config)
+    assert one_core.cluster.cpus_per_worker == 1 and one_core.data.loader_workers == 0
+    assert load_spec(config, ["cluster.cpus_per_worker=2"]).data.loader_workers == 1
+    assert load_spec(config, ["data.loader_workers=1"]).data.loader_workers == 1
+    (tmp_path / "spec.yaml").write_text(load_spec(config, ["data.loader_workers=1"]).to_yaml())
+    assert load_spec(tmp_path / "spec.yaml").data.loader_workers == 1
+
+
 def test_overrides_parse_yaml_values_and_lists():
     raw = {"trainer": {"lr": 1.0}, "data": {"sources": [{"path": "a"}]}}
     out = apply_overrides(raw, ["trainer.lr=3e-4", "trainer.betas=[0.9, 0.99]", "data.sources.0.path=b",

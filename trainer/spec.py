@@ -228,6 +228,11 @@ def resolve(spec: RunSpec) -> RunSpec:
                           else _absolute(spec.data.tokenizer, "data.tokenizer")),
         }
     )
+    if "loader_workers" not in spec.data.model_fields_set and spec.cluster.cpus_per_worker == 1:
+        # A loader process overlaps reading with training only on a core of its own; on a worker's one core
+        # it time-shares with the rank and adds its start (a fork server importing torch and datasets) to
+        # the first step: 2.3 s of the demo's on 2 cores (docs/performance.md).
+        data = data.model_copy(update={"loader_workers": 0})
     try:
         tokenizer_vocab = load_tokenizer(data.tokenizer).vocab_size
         specials = data.special_tokens
