@@ -54,7 +54,6 @@ def _finish(new: torch.Tensor, done: torch.Tensor, eos_id: int | None, pad_id: i
     return new, done | (new == eos_id)
 
 
-@torch.no_grad()
 def _cache(module: nn.Module):
     """A fresh key/value cache for models that keep one, else None. `transformers` is imported here, not at the
     top: the trainer imports this module for its sample hook, and each rank would otherwise pay about half a
@@ -66,6 +65,7 @@ def _cache(module: nn.Module):
     return DynamicCache()
 
 
+@torch.no_grad()
 def generate(module: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
              top_p: float = 1.0, seed: int | None = None, eos_id: int | None = None,
              pad_id: int | None = None) -> torch.Tensor:

@@ -131,7 +131,11 @@ def test_remote_code_export_generates(family, small_corpus, tmp_path):
         ours_sampled = generate_seq2seq(ours, prompt, None, gen.decoder_start_token_id, 8, 0.9, 0.8, seed=3,
                                         eos_id=gen.eos_token_id, pad_id=gen.pad_token_id)
     else:
+        grad_modes = []  # zeroray's decoding keeps no autograd graph: every forward runs without grad
+        hook = ours.register_forward_pre_hook(lambda *_: grad_modes.append(torch.is_grad_enabled()))
         ours_sampled = generate(ours, prompt, 8, 0.9, 0.8, seed=3, eos_id=gen.eos_token_id, pad_id=gen.pad_token_id)
+        hook.remove()
+        assert grad_modes and not any(grad_modes)
     assert torch.equal(a, ours_sampled[:, : a.shape[1]])
     beams = hf.generate(prompt, max_new_tokens=4, num_beams=3, num_return_sequences=2, do_sample=False,
                         **({"attention_mask": torch.ones_like(prompt)} if seq2seq else {}))
