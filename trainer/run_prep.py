@@ -69,7 +69,7 @@ def prepare_run_dir(spec: RunSpec, fresh: bool) -> tuple[RunDir, str, Checkpoint
 _DATA_KEYS_NOT_DEFINING_THE_RUN = ("loader_workers", "tokenize_batch", "bad_data")
 
 
-def _order_defining(section: str, values: dict | None) -> dict | None:
+def order_defining(section: str, values: dict | None) -> dict | None:
     """The part of a saved spec section that makes a run what it is. In `data`: without the keys
     above, and without keys at their default value (a key a newer zeroray added with its default
     does not make an older run folder another run)."""
@@ -85,7 +85,7 @@ def _refuse_other_run(run: RunDir, spec: RunSpec) -> None:
         return
     saved = yaml.safe_load(run.spec.read_text()) or {}
     new = spec.to_dict()
-    changed = [k for k in ("model", "data") if _order_defining(k, saved.get(k)) != _order_defining(k, new[k])]
+    changed = [k for k in ("model", "data") if order_defining(k, saved.get(k)) != order_defining(k, new[k])]
     if changed:
         raise ZerorayError(
             f"{run.root} holds checkpoints of a run with a different {' and '.join(changed)} section. "

@@ -22,6 +22,7 @@ from trainer.storage import RunDir
 def run_state(run: PlannedRun) -> Literal["finished", "partial", "new"]:
     """finished: this very spec reached max_steps; partial: a checkpoint to resume from; new."""
     from trainer.checkpoint import CheckpointStore  # imports DeepSpeed: not needed for a --dry-run
+    from trainer.run_prep import order_defining
     d = RunDir(run.run_dir)
     if not d.spec.is_file():
         return "new"
@@ -31,7 +32,9 @@ def run_state(run: PlannedRun) -> Literal["finished", "partial", "new"]:
     except SpecError:
         pass  # a key that no longer exists: compared as written, so it counts as a change
     mine = run.spec.to_dict()
-    changed = [k for k in mine if saved.get(k) != mine[k]]
+    # Compared as a relaunch compares them: a data section differing only in how fast it is read (e.g.
+    # data.loader_workers) is the same run.
+    changed = [k for k in mine if order_defining(k, saved.get(k)) != order_defining(k, mine[k])]
     latest = CheckpointStore(d.checkpoints, 0, 1).latest()
     if changed and latest is not None:
         raise ZerorayError(
