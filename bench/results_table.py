@@ -127,8 +127,7 @@ def _startup(r: dict) -> list[str]:
     probe = r.get("probe")
     if probe:
         imports = " · ".join(f"{i['module']} {i['seconds']:.1f}" for i in probe["imports"])
-        out += ["", f"Imports in a fresh interpreter, seconds each adds: {imports}; "
-                f"DeepSpeed shm comm op load: {probe['shm_comm_op']['seconds']:.1f} s"]
+        out += ["", f"Imports in a fresh interpreter, seconds each adds: {imports}"]
     return out
 
 

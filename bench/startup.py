@@ -6,8 +6,8 @@ start on rank 0 (its first metrics record says how long after it was written), D
 lines in the rank-0 log (engine set-up begins and ends), and the first record's time.
 
 `import_probe` runs this file in a fresh interpreter, which times the imports a worker pays (each
-figure is what that import adds to the ones before it) and the load of DeepSpeed's CPU communication
-op (JIT-built by ninja on first use, then loaded from the torch extensions cache).
+figure is what that import adds to the ones before it). (DeepSpeed's CPU shm communication op, once
+JIT-built on first use and loaded at every start, is no longer part of a rank's start: trainer/build.py.)
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ def timeline(launched: float, stderr: list[tuple[float, str]], first_record: dic
         ("CLI: imports, spec, data preflight (one batch), run directory", _first(stderr, RUN_DIR_READY)),
         ("Ray: embedded cluster start (ray.init)", _first(stderr, CLUSTER_UP)),
         ("Ray Train: controller, worker processes, their imports, process group", train_start),
-        ("worker: DeepSpeed comm init (shm op load), logging, checkpoint lookup, model build", ds_start),
+        ("worker: DeepSpeed comm init, logging, checkpoint lookup, model build", ds_start),
         ("DeepSpeed engine and ZeRO optimizer set-up", ds_end),
         ("data stream, metrics set-up, first batch, first forward/backward/step", first_step),
     ]
@@ -85,7 +85,7 @@ def timeline(launched: float, stderr: list[tuple[float, str]], first_record: dic
 
 
 def _probe() -> dict:
-    """Runs in the fresh interpreter: incremental import times, then the comm op load."""
+    """Runs in the fresh interpreter: incremental import times."""
     import importlib
 
     out, modules = {"imports": []}, list(PROBED_IMPORTS)
@@ -96,11 +96,6 @@ def _probe() -> dict:
         except ImportError:
             continue  # mlflow is optional
         out["imports"].append({"module": name, "seconds": time.perf_counter() - start})
-    from deepspeed.comm.torch import build_shm_op
-
-    start = time.perf_counter()
-    built = build_shm_op() is not None
-    out["shm_comm_op"] = {"seconds": time.perf_counter() - start, "available": built}
     return out
 
 

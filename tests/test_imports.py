@@ -4,6 +4,7 @@ launch (docs/performance.md, start-up), so heavy libraries stay out of the paths
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -24,3 +25,32 @@ def test_a_training_rank_does_not_import_transformers():
     held = imported_by("import trainer.loop, models")
     assert {"torch", "datasets"} <= held, held
     assert "transformers" not in held
+
+
+START_A_PROCESS_GROUP = """
+import os, sys
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2], RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+import deepspeed.comm.comm as ds_comm
+from trainer.build import init_distributed
+from trainer.spec import load_spec
+print(init_distributed(load_spec(sys.argv[1])), ds_comm.cdb.shm_comm_op)
+"""
+
+
+def test_a_rank_starts_its_process_group_without_compiling_deepspeed_ops(tmp_path, tiny_config):
+    """On a machine whose extension cache is empty (a clean clone, CI, a new user's first demo) DeepSpeed's
+    CPU backend would JIT-build its shared-memory inference all-reduce op at init_distributed (about 60 s of
+    both cores here); training never uses it, so the trainer's start builds and loads nothing."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    extensions = tmp_path / "torch_extensions"
+    done = subprocess.run([sys.executable, "-c", START_A_PROCESS_GROUP, str(tiny_config), str(port)], cwd=REPO,
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "DS_ACCELERATOR": "cpu",
+                               "TORCH_EXTENSIONS_DIR": str(extensions)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.splitlines()[-1] == "(0, 1) None", done.stdout[-2000:]
+    assert not extensions.exists() or not any(extensions.rglob("*.so")), sorted(extensions.rglob("*"))

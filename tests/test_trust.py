@@ -96,7 +96,9 @@ def test_a_real_rank_state_round_trips_through_the_weights_only_load(tmp_path, t
 
 SAVE_CHECKPOINTS = """
 import os, sys, torch, deepspeed
+from trainer.build import skip_inference_comm_op
 os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2], RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+skip_inference_comm_op()  # as the trainer does: no JIT build of DeepSpeed's shm op on a clean machine
 deepspeed.init_distributed(dist_backend="gloo")
 for stage in (0, 2):
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 2))

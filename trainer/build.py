@@ -45,8 +45,20 @@ def setup_logging(run: RunDir, rank: int) -> None:
             logging.getLogger("DeepSpeed").removeHandler(h)
 
 
+def skip_inference_comm_op() -> None:
+    """DeepSpeed's CPU backend JIT-compiles its shared-memory all-reduce op (deepspeed_shm_comm) at every
+    init_distributed of a machine that has not built it yet: about 60 s of both cores here, paid by the first
+    run of every clean clone, CI run and new user's demo. The op serves only `inference_all_reduce` (DeepSpeed's
+    AutoTP inference layers); training's collectives go through torch.distributed (gloo). Marking it
+    incompatible takes DeepSpeed's own path for a machine that cannot build it (comm/torch.py build_shm_op).
+    The probed dict is cached in deepspeed.ops on first access, so the edit holds for this process."""
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def init_distributed(spec: RunSpec) -> tuple[int, int]:
     accel = get_accelerator()
+    if accel.device_name() == "cpu":
+        skip_inference_comm_op()
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend=accel.communication_backend_name())
     else:
