@@ -15,6 +15,7 @@ if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, _share)))
 
 import shutil  # noqa: E402
+import socket
 import subprocess
 import sys
 import sysconfig
@@ -87,6 +88,18 @@ def ray_local():
     yield
     ray.shutdown()
     shutil.rmtree(temp, ignore_errors=True)
+
+
+def free_ports(n: int = 1) -> list[int]:
+    """n distinct ports free on 127.0.0.1 (all held open while they are chosen, so no two are the same)."""
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
 def torchrun_module(module: str, *args: str, nproc: int = 2, timeout: int = 500) -> None:

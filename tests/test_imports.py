@@ -8,7 +8,7 @@ import os
 import subprocess
 import sys
 
-from tests.conftest import REPO
+from tests.conftest import REPO, free_ports
 
 
 def imported_by(statement: str) -> set[str]:
@@ -41,11 +41,7 @@ def test_a_rank_starts_its_process_group_without_compiling_deepspeed_ops(tmp_pat
     """On a machine whose extension cache is empty (a clean clone, CI, a new user's first demo) DeepSpeed's
     CPU backend would JIT-build its shared-memory inference all-reduce op at init_distributed (about 60 s of
     both cores here); training never uses it, so the trainer's start builds and loads nothing."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_ports()[0]
     extensions = tmp_path / "torch_extensions"
     done = subprocess.run([sys.executable, "-c", START_A_PROCESS_GROUP, str(tiny_config), str(port)], cwd=REPO,
                           capture_output=True, text=True, timeout=300,

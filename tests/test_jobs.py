@@ -7,7 +7,6 @@ import json
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -20,7 +19,7 @@ import yaml
 
 from launcher.cli import main
 from launcher.sweep import expand_sweep, split_values, sweep_name
-from tests.conftest import write_config
+from tests.conftest import free_ports, write_config
 from trainer.errors import SpecError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -142,17 +141,6 @@ class Head:
     env: dict
 
 
-def _free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
 def _stop_head(temp: Path) -> None:
     """Stop this head only. Not `ray stop`: it stops every Ray process of this user on the machine,
     other engineers' test clusters included. Every process of this head runs in `temp` (the cwd of
@@ -184,7 +172,7 @@ def ray_head():
         pytest.skip(f"Ray's job server (part of its dashboard) needs ray[default]; here: {missing}. "
                     f"pip install -c constraints.txt 'ray[default]'")
     temp = Path(tempfile.mkdtemp(prefix="zr-jobs-", dir="/tmp"))  # short: Ray's socket paths have a length limit
-    gcs, dashboard, agent, client = _free_ports(4)
+    gcs, dashboard, agent, client = free_ports(4)
     env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16))
     # Jobs run `python` from the head's PATH: this venv, as on a cluster node whose venv is activated.
     env["PATH"] = f"{BIN}:{env['PATH']}"

@@ -14,6 +14,7 @@ import torch
 
 from data_pipelines import BatchStream
 from launcher.export import consolidated_state_dict
+from tests.conftest import free_ports
 from trainer.checkpoint import Checkpoint, CheckpointError, CheckpointStore, rng_state, set_rng_state
 from trainer.errors import ZerorayError
 from trainer.safe_load import UnsafeCheckpointError, load_file, weights_only_loads
@@ -117,13 +118,10 @@ for stage in (0, 2):
 def test_deepspeed_checkpoints_load_weights_only(tmp_path):
     """Every file DeepSpeed writes (ZeRO-0 and ZeRO-2, bf16, one rank) loads through the weights-only
     guard: the allowlist holds what they need."""
-    import socket
     import subprocess
     import sys
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_ports()[0]
     done = subprocess.run([sys.executable, "-c", SAVE_CHECKPOINTS, str(tmp_path), str(port)], capture_output=True,
                           text=True, timeout=300, env={**os.environ, "DS_ACCELERATOR": "cpu"})
     assert done.returncode == 0, done.stderr[-3000:]
