@@ -27,6 +27,14 @@ def test_a_training_rank_does_not_import_transformers():
     assert "transformers" not in held
 
 
+def test_the_driver_does_not_import_deepspeed():
+    """`zeroray train` on the driver: the CLI, the launch, Ray Train's TorchTrainer (torch) and the data check
+    (`datasets`) run there; DeepSpeed only in the ranks, so the driver's start does not pay its import."""
+    held = imported_by("import launcher.cli, launcher.ray_launch, launcher.ray_trainer, ray.train.torch")
+    assert {"torch", "datasets", "ray"} <= held, held
+    assert "deepspeed" not in held
+
+
 START_A_PROCESS_GROUP = """
 import os, sys
 os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2], RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")

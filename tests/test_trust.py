@@ -15,8 +15,9 @@ import torch
 from data_pipelines import BatchStream
 from launcher.export import consolidated_state_dict
 from tests.conftest import free_ports
-from trainer.checkpoint import Checkpoint, CheckpointError, CheckpointStore, rng_state, set_rng_state
+from trainer.checkpoint import Checkpoint, CheckpointError, CheckpointStore
 from trainer.errors import ZerorayError
+from trainer.rng import rng_state, set_rng_state
 from trainer.safe_load import UnsafeCheckpointError, load_file, weights_only_loads
 from trainer.spec import load_spec
 

@@ -37,16 +37,11 @@ from __future__ import annotations
 import json
 import logging
 import os
-import random
 import shutil
 import socket
 import subprocess
 import sys
 from pathlib import Path
-
-import numpy as np
-import torch
-from deepspeed.accelerator import get_accelerator
 
 from trainer.checkpoint_layout import (
     DOWNLOAD_PREFIX,
@@ -66,28 +61,9 @@ from trainer.storage import Folder, LocalFolder
 
 # The layout's names are the store's: callers import them from here.
 __all__ = ["DOWNLOAD_PREFIX", "LATEST", "MANIFEST", "STAGING_PREFIX", "UNIVERSAL", "Checkpoint", "CheckpointError",
-           "CheckpointStore", "Staged", "rng_state", "set_rng_state", "tag_for"]
+           "CheckpointStore", "Staged", "tag_for"]
 
 log = logging.getLogger("zeroray.checkpoint")
-
-
-def rng_state() -> dict:
-    accel = get_accelerator()
-    return {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-        "accelerator": None if accel.device_name() == "cpu" else accel.get_rng_state(),
-    }
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if state["accelerator"] is not None:
-        get_accelerator().set_rng_state(state["accelerator"])
-
 
 
 class CheckpointStore(CheckpointPublishing):

@@ -13,11 +13,12 @@ from typing import TYPE_CHECKING
 import torch.distributed as dist
 
 from trainer.build import Training
-from trainer.checkpoint import CheckpointError, CheckpointStore, rng_state, tag_for
+from trainer.checkpoint import CheckpointError, CheckpointStore, tag_for
 from trainer.checkpoint_notes import CheckpointNotes
 from trainer.hook_base import CheckpointCallback, StepEnd, StepHook
 from trainer.preemption import DrainNotice, StopAgreement
 from trainer.publication import Publication, Staged
+from trainer.rng import rng_state
 from trainer.storage import push_rank_files
 
 if TYPE_CHECKING:

@@ -12,7 +12,8 @@ import torch.distributed as dist
 
 from data_pipelines import merge_states
 from trainer.build import Training, seed_everything
-from trainer.checkpoint import Checkpoint, CheckpointError, CheckpointStore, set_rng_state
+from trainer.checkpoint import Checkpoint, CheckpointError, CheckpointStore
+from trainer.rng import set_rng_state
 from trainer.safe_load import UnsafeCheckpointError, load_file, weights_only_loads
 from trainer.spec import RunSpec, read_spec
 
