@@ -22,12 +22,11 @@ from pathlib import Path
 import torch
 
 import models
-from data_pipelines.sources import is_url
 from trainer.checkpoint import MANIFEST, Checkpoint, CheckpointStore
 from trainer.errors import ZerorayError
 from trainer.safe_load import UnsafeCheckpointError, load_file, weights_only_loads
 from trainer.spec import RunSpec, read_spec
-from trainer.storage import RunDir, check_url
+from trainer.storage import RunDir, check_url, is_url
 
 # Loaded by `trust_remote_code=True`; they re-export the installed zeroray classes.
 REMOTE_CODE = {

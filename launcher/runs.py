@@ -1,17 +1,25 @@
-"""`zeroray runs`, `zeroray resume`, `zeroray plot`: run directories as the user sees them."""
+"""`zeroray runs`, `zeroray resume`, `zeroray plot`: run directories as the user sees them.
+
+Listing and plotting read the run's files as they are (the saved spec's model name and step count, the
+metrics, the checkpoint listing) without validating the spec: that would import every model family and so
+torch (about 3 s a call); a run is validated when it is resumed (`run_spec`)."""
 
 from __future__ import annotations
 
 import json
 import socket
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import psutil
 
-from trainer.checkpoint import CheckpointStore
+from trainer.checkpoint_listing import CheckpointListing
 from trainer.errors import ZerorayError
-from trainer.spec import RunSpec, read_spec
+from trainer.spec_parsing import read_yaml
 from trainer.storage import RunDir
+
+if TYPE_CHECKING:
+    from trainer.spec import RunSpec
 
 
 def read_metrics(run: RunDir) -> list[dict]:
@@ -21,11 +29,32 @@ def read_metrics(run: RunDir) -> list[dict]:
     return [json.loads(line) for line in lines if line.strip().endswith("}")]  # skip a line being written
 
 
-def run_spec(run_dir: Path) -> RunSpec:
+def _saved_spec_file(run_dir: Path) -> Path:
     run = RunDir(Path(run_dir))
     if not run.spec.is_file():
         raise ZerorayError(f"{run_dir} is not a zeroray run directory (no spec.yaml); `zeroray runs` lists runs")
-    return read_spec(run.spec)
+    return run.spec
+
+
+def run_spec(run_dir: Path) -> RunSpec:
+    """The run's saved spec, validated (for a resume)."""
+    from trainer.spec import read_spec
+
+    return read_spec(_saved_spec_file(run_dir))
+
+
+def _listed_fields(run_dir: Path) -> tuple[str, int]:
+    """The saved spec's model.name and trainer.max_steps, read as written."""
+    path = _saved_spec_file(run_dir)
+    raw = read_yaml(path)
+    try:
+        name, max_steps = raw["model"]["name"], raw["trainer"]["max_steps"]
+    except (KeyError, TypeError):
+        name = max_steps = None
+    if not isinstance(name, str) or not isinstance(max_steps, int):
+        raise ZerorayError(f"{path} has no model.name or no whole-number trainer.max_steps: not a spec zeroray "
+                           f"saved (`zeroray resume {run_dir}` says what else is wrong)")
+    return name, max_steps
 
 
 def _status(run: RunDir, step: int, max_steps: int) -> str:
@@ -43,16 +72,16 @@ def _status(run: RunDir, step: int, max_steps: int) -> str:
 
 def describe(run_dir: Path) -> dict:
     run = RunDir(Path(run_dir))
-    spec = run_spec(run_dir)
+    model, max_steps = _listed_fields(run_dir)
     records = read_metrics(run)
-    latest = CheckpointStore(run.checkpoints, 0, 1).latest()
+    latest = CheckpointListing(run.checkpoints).latest()
     step = max(records[-1]["step"] if records else 0, latest.step if latest else 0)
     return {
         "name": run.root.name,
-        "model": spec.model.name,
-        "status": _status(run, step, spec.trainer.max_steps),
+        "model": model,
+        "status": _status(run, step, max_steps),
         "step": step,
-        "max_steps": spec.trainer.max_steps,
+        "max_steps": max_steps,
         "checkpoint_step": latest.step if latest else None,
         "loss": records[-1]["loss"] if records else None,
         "path": str(run.root),
@@ -85,7 +114,7 @@ def plot_runs(run_dirs: list[Path], metric: str, out: Path):
     fig, ax = plt.subplots(figsize=(8, 5))
     for run_dir in run_dirs:
         run = RunDir(Path(run_dir))
-        run_spec(run_dir)  # a clear error for a folder that is not a run
+        _saved_spec_file(run_dir)  # a clear error for a folder that is not a run
         points = [(r["step"], r[metric]) for r in read_metrics(run) if isinstance(r.get(metric), int | float)]
         if not points:
             known = sorted({k for r in read_metrics(run) for k, v in r.items() if isinstance(v, int | float)})

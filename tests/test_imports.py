@@ -35,6 +35,24 @@ def test_the_driver_does_not_import_deepspeed():
     assert "deepspeed" not in held
 
 
+def test_listing_and_plotting_runs_import_neither_torch_nor_datasets(tmp_path, tiny_config):
+    """`zeroray runs` and `zeroray plot` read a run's files: without torch, DeepSpeed and `datasets` they
+    answer in a fraction of a second instead of about 3 s."""
+    from trainer.spec import load_spec
+
+    run = tmp_path / "runs" / "listed"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "spec.yaml").write_text(load_spec(tiny_config).to_yaml())
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 5.5}\n{"step": 2, "loss": 5.25}\n')
+    held = imported_by(
+        "from launcher.cli import main\n"
+        f"assert main(['runs', '--dir', {str(run.parent)!r}]) == 0\n"
+        f"assert main(['plot', {str(run)!r}, '-o', {str(tmp_path / 'loss.png')!r}]) == 0"
+    )
+    assert (tmp_path / "loss.png").stat().st_size > 0
+    assert "matplotlib" in held and not {"torch", "deepspeed", "datasets"} & held, held
+
+
 START_A_PROCESS_GROUP = """
 import os, sys
 os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2], RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")

@@ -54,10 +54,11 @@ from trainer.checkpoint_layout import (
     Staged,
     tag_for,
 )
+from trainer.checkpoint_listing import CheckpointListing
 from trainer.checkpoint_publish import CheckpointPublishing
 from trainer.rank_exchange import barrier, checksums, gathered
 from trainer.safe_load import UnsafeCheckpointError, load_file
-from trainer.storage import Folder, LocalFolder
+from trainer.storage import Folder
 
 # The layout's names are the store's: callers import them from here.
 __all__ = ["DOWNLOAD_PREFIX", "LATEST", "MANIFEST", "STAGING_PREFIX", "UNIVERSAL", "Checkpoint", "CheckpointError",
@@ -66,15 +67,14 @@ __all__ = ["DOWNLOAD_PREFIX", "LATEST", "MANIFEST", "STAGING_PREFIX", "UNIVERSAL
 log = logging.getLogger("zeroray.checkpoint")
 
 
-class CheckpointStore(CheckpointPublishing):
-    """The checkpoints of one run: `root` is this node's working folder, `home` where they are published
-    (default: `root` itself)."""
+class CheckpointStore(CheckpointListing, CheckpointPublishing):
+    """The checkpoints of one run, as one of its `world_size` ranks sees them: `root` is this node's working
+    folder, `home` where they are published (default: `root` itself)."""
 
     def __init__(self, root: Path, rank: int = 0, world_size: int = 1, home: Folder | None = None):
-        self.root = Path(root)
+        super().__init__(root, home)
         self.rank = rank
         self.world_size = world_size
-        self.home = home if home is not None else LocalFolder(self.root)
         self.last_bytes = 0  # the size of the last checkpoint this store published (all ranks' files)
         # Which ranks share a working copy: one download and one clean-up per copy. One folder every rank
         # sees counts as one host. Gathered here, where every rank constructs the store at the same point.
@@ -95,42 +95,6 @@ class CheckpointStore(CheckpointPublishing):
     def _several_copies(self) -> bool:
         """Ranks on several nodes, each node with a working copy of its own."""
         return len(set(self._hosts)) > 1
-
-    def published(self) -> list[Checkpoint]:
-        """Complete checkpoints in the home folder, oldest first (a folder without a valid manifest is not one)."""
-        found = []
-        for tag in self.home.folders("step_"):
-            manifest = self._published_manifest(tag)
-            if manifest is not None:
-                found.append(Checkpoint(self.root / tag, manifest["step"], manifest["world_size"]))
-        return found
-
-    def _published_manifest(self, tag: str) -> dict | None:
-        """The manifest of `tag` in the home folder, when every file it lists is there with its size."""
-        try:
-            manifest = json.loads(self.home.read_text(f"{tag}/{MANIFEST}") or "")
-            sizes = self.home.sizes(tag)
-            if any(sizes.get(rel) != size for rel, size in manifest["files"].items()):
-                return None
-            return manifest
-        except (OSError, ValueError, KeyError):
-            return None
-
-    def latest(self) -> Checkpoint | None:
-        return self._latest_of(self.published())
-
-    def _latest_of(self, published: list[Checkpoint]) -> Checkpoint | None:
-        tag = self.home.read_text(LATEST)
-        tag = None if tag is None else tag.strip()
-        for ckpt in published:
-            if ckpt.tag == tag:
-                return ckpt
-        # The pointer is missing or names a damaged checkpoint: fall back to the newest whole one.
-        fallback = published[-1] if published else None
-        if tag is not None:
-            log.warning("checkpoint %s named by %s/%s is incomplete or damaged; using %s instead", tag,
-                        self.home.url, LATEST, fallback.tag if fallback else "none (starting from step 0)")
-        return fallback
 
     @staticmethod
     def _local_manifest(folder: Path) -> dict | None:

@@ -23,7 +23,6 @@ from pydantic import (
 import models
 from cluster.config import ClusterConfig
 from data_pipelines.config import DataConfig
-from data_pipelines.sources import is_url
 from models.family import FamilyConfig
 from trainer.config import DebugConfig, TrainerConfig, check_elastic_batch
 from trainer.errors import SpecError
@@ -32,7 +31,7 @@ from trainer.secrets import refuse_spec_credentials
 from trainer.spec_parsing import _check_shape, _explain, _shown, apply_overrides, read_yaml
 
 __all__ = ["RunSpec", "apply_overrides", "load_spec", "parse_spec", "read_spec", "read_yaml", "resolve"]
-from trainer.storage import OutputConfig
+from trainer.storage import OutputConfig, is_url
 
 
 class RunSpec(BaseModel):

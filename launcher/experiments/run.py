@@ -12,6 +12,7 @@ import yaml
 from launcher.experiments.plan import Plan, PlannedRun, plan, plan_lines
 from launcher.experiments.report import collect, markdown, write_results
 from launcher.experiments.schema import default_out, load_experiment
+from trainer.checkpoint_listing import CheckpointListing
 from trainer.errors import SpecError, ZerorayError
 from trainer.spec import parse_spec
 from trainer.storage import RunDir
@@ -21,8 +22,7 @@ from trainer.storage import RunDir
 
 def run_state(run: PlannedRun) -> Literal["finished", "partial", "new"]:
     """finished: this very spec reached max_steps; partial: a checkpoint to resume from; new."""
-    from trainer.checkpoint import CheckpointStore  # imports DeepSpeed: not needed for a --dry-run
-    from trainer.run_prep import order_defining
+    from trainer.run_prep import order_defining  # imports datasets: not needed for a --dry-run
     d = RunDir(run.run_dir)
     if not d.spec.is_file():
         return "new"
@@ -35,7 +35,7 @@ def run_state(run: PlannedRun) -> Literal["finished", "partial", "new"]:
     # Compared as a relaunch compares them: a data section differing only in how fast it is read (e.g.
     # data.loader_workers) is the same run.
     changed = [k for k in mine if order_defining(k, saved.get(k)) != order_defining(k, mine[k])]
-    latest = CheckpointStore(d.checkpoints, 0, 1).latest()
+    latest = CheckpointListing(d.checkpoints).latest()
     if changed and latest is not None:
         raise ZerorayError(
             f"{d.root} holds a run of arm {run.arm.name} with another {', '.join(changed)} section (the plan "

@@ -7,8 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from data_pipelines.sources import is_url
-from trainer.storage.folder import Folder, LocalFolder, RemoteFolder, check_url
+from trainer.storage.folder import Folder, LocalFolder, RemoteFolder, check_url, is_url
 
 
 class OutputConfig(BaseModel):

@@ -22,12 +22,24 @@ from typing import Any
 
 import fsspec
 
-from data_pipelines.sources import option_keys
 from trainer.storage.files import write_atomic
 
 
 class RemoteStorageError(RuntimeError):
     """The remote run directory cannot be reached or written; the message says which and how to fix it."""
+
+
+# is_url and option_keys as data_pipelines.sources has them for data sources: not imported from there, because
+# that package loads `datasets` (about a second), and this one is imported by every light command too
+# (`zeroray runs`, `zeroray plot`, the driver before its data check).
+def is_url(path: str) -> bool:
+    """A location at an fsspec URL (s3://…), not a local or shared folder."""
+    return "://" in path
+
+
+def option_keys(storage_options: dict) -> str:
+    """For error messages: the keys only, since the values are credentials and must not reach logs."""
+    return "keys: " + ", ".join(sorted(storage_options)) if storage_options else "none given"
 
 
 # Filesystems that each process holds on its own: ranks and the driver would not see one another's files.
