@@ -8,7 +8,6 @@ from pathlib import Path
 
 from launcher.cli_args import add_config_args
 
-# Commands whose imports bring DeepSpeed (its logger must not write to stdout).
 # The commands that import DeepSpeed in this process (cli.main points its stdout logger at stderr first). Not
 # train and resume: the driver starts Ray Train and checks the data, the ranks import DeepSpeed
 # (tests/test_imports.py); not runs and plot, which read files.

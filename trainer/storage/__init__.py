@@ -19,12 +19,11 @@ from trainer.storage.folder import (
     RemoteStorageError,
     check_url,
     is_url,
-    option_keys,
 )
 from trainer.storage.run_dir import RunDir
 from trainer.storage.stop_file import STOP_FILE, clear_stop_request, request_stop, stop_file, stop_reason
 from trainer.storage.sync import pull_run_files, push_rank_files
 
 __all__ = ["STOP_FILE", "Folder", "LocalFolder", "OutputConfig", "RemoteFolder", "RemoteStorageError", "RunDir",
-           "check_url", "clear_stop_request", "fsync_tree", "is_url", "option_keys", "pull_run_files", "push_rank_files",
-           "request_stop", "sha256", "stop_file", "stop_reason", "write_atomic"]
+           "check_url", "clear_stop_request", "fsync_tree", "is_url", "pull_run_files", "push_rank_files", "request_stop",
+           "sha256", "stop_file", "stop_reason", "write_atomic"]
